@@ -1,0 +1,139 @@
+"""Typed configuration: one dataclass, loaded from configs/*.yaml, overridden by CLI flags, validated once.
+
+Nothing below this edge reads environment variables or global state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import ConfigError
+
+METHODS = ("patchcore", "padim")
+DEVICES = ("auto", "cpu", "cuda")
+
+# (method, backbone) -> default layers. Lite0 stage strides: blocks.1 = 4, blocks.2 = 8, blocks.4 = 16.
+DEFAULT_LAYERS: dict[tuple[str, str], list[str]] = {
+    ("patchcore", "efficientnet_lite0"): ["blocks.2", "blocks.4"],
+    ("padim", "efficientnet_lite0"): ["blocks.1", "blocks.2", "blocks.4"],
+    ("patchcore", "wide_resnet50_2"): ["layer2", "layer3"],
+    ("padim", "wide_resnet50_2"): ["layer1", "layer2", "layer3"],
+}
+# PaDiM's random channel subset size per backbone (the paper: 100 for ResNet18, 550 for WRN50).
+DEFAULT_PADIM_FEATURES = {"efficientnet_lite0": 100, "wide_resnet50_2": 550}
+
+
+@dataclass
+class FitConfig:
+    """Everything a fit needs; saved into model.json so a model says how it was made."""
+
+    method: str = "patchcore"
+    backbone: str = "efficientnet_lite0"
+    layers: list[str] = field(default_factory=list)  # empty -> DEFAULT_LAYERS
+    weights: str | None = None  # backbone weights file; required for wide_resnet50_2
+    input_size: int = 256
+    # PatchCore
+    coreset_ratio: float = 0.1
+    projection_dim: int = 128  # random projection used only to select the coreset
+    num_neighbors: int = 9  # reweighting neighbourhood of the image score
+    # PaDiM
+    padim_features: int = 0  # 0 -> DEFAULT_PADIM_FEATURES[backbone]
+    covariance_eps: float = 0.01
+    # both
+    blur_sigma: float = 4.0
+    holdout_fraction: float = 0.1  # normal images kept out of the fit to calibrate the threshold
+    target_false_alarm_rate: float = 0.01
+    seed: int = 0
+    batch_size: int = 16
+    device: str = "auto"
+
+    def resolved(self) -> FitConfig:
+        """A copy with defaults that depend on other keys filled in, validated."""
+        cfg = dataclasses.replace(self, layers=list(self.layers))
+        if not cfg.layers:
+            cfg.layers = list(DEFAULT_LAYERS.get((cfg.method, cfg.backbone), []))
+        if cfg.method == "padim" and cfg.padim_features <= 0:
+            cfg.padim_features = DEFAULT_PADIM_FEATURES.get(cfg.backbone, 100)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        from engine.backbones import check_layers, get_spec
+
+        _choice("method", self.method, METHODS)
+        _choice("device", self.device, DEVICES)
+        check_layers(get_spec(self.backbone), self.layers)
+        _range("input_size", self.input_size, 32, 4096)
+        _range("coreset_ratio", self.coreset_ratio, 1e-6, 1.0)
+        _range("projection_dim", self.projection_dim, 0, 100_000)
+        _range("num_neighbors", self.num_neighbors, 1, 1000)
+        _range("blur_sigma", self.blur_sigma, 0.0, 100.0)
+        _range("holdout_fraction", self.holdout_fraction, 0.0, 0.9)
+        _range("target_false_alarm_rate", self.target_false_alarm_rate, 0.0, 0.5)
+        _range("batch_size", self.batch_size, 1, 4096)
+        _range("covariance_eps", self.covariance_eps, 0.0, 1e6)
+        if self.input_size % 32:
+            raise ConfigError(f"input_size must be a multiple of 32 (backbone strides), got {self.input_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _range(key: str, value: Any, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ConfigError(f"{key} must be a number in [{lo}, {hi}], got {value!r}")
+
+
+FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(FitConfig)}
+
+
+def config_from_dict(values: dict[str, Any], base: FitConfig | None = None) -> FitConfig:
+    """Apply `values` over `base` (default FitConfig); unknown keys and wrong types are errors."""
+    cfg = dataclasses.replace(base) if base is not None else FitConfig()
+    for key, value in values.items():
+        if key not in FIELD_TYPES:
+            raise ConfigError(f"unknown config key {key!r}; allowed keys: {sorted(FIELD_TYPES)}")
+        default = getattr(FitConfig(), key)
+        if isinstance(default, bool) or value is None:
+            pass
+        elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif key == "layers":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"layers must be a list of layer names, got {value!r}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FitConfig:
+    """Config from a YAML file (flat keys, or under a top-level `fit:`), then overrides, resolved."""
+    cfg = FitConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, found {type(data).__name__}")
+        data = data.get("fit", data)
+        cfg = config_from_dict(data, cfg)
+    if overrides:
+        cfg = config_from_dict({k: v for k, v in overrides.items() if v is not None}, cfg)
+    return cfg.resolved()

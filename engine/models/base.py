@@ -1,0 +1,124 @@
+"""What every anomaly model shares: backbone, device, calibration, scoring entry point, metadata."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from engine.backbones import FeatureExtractor, build_extractor
+from engine.calibration import Calibration
+from engine.config import FitConfig
+
+
+@dataclass
+class ScoreOutput:
+    """Raw (unnormalised) results for a batch: one score and one input-sized map per image."""
+
+    scores: torch.Tensor  # (B,) float32
+    maps: torch.Tensor  # (B, S, S) float32
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class AnomalyModel(ABC):
+    """A fitted (or being fitted) model. Subclasses add their statistics and the scoring rule."""
+
+    method: str = ""
+
+    def __init__(self, cfg: FitConfig, device: torch.device | str = "cpu", extractor: FeatureExtractor | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.extractor = (extractor or build_extractor(cfg.backbone, cfg.layers, cfg.weights)).to(self.device)
+        if self.device.type == "cuda":
+            self.extractor = self.extractor.to(memory_format=torch.channels_last)
+        self.calibration: Calibration | None = None
+        self.fit_stats: dict = {}
+
+    # ---- the surface the pipeline uses
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.input_size
+
+    @property
+    def threshold(self) -> float:
+        if self.calibration is None:
+            raise RuntimeError("model is not calibrated yet")
+        return self.calibration.threshold
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw scores or maps -> the scale users see, where 0.5 is the threshold."""
+        if self.calibration is None:
+            raise RuntimeError("model is not calibrated yet")
+        return self.calibration.normalize(raw)
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone feature maps for (B, 3, S, S) images in [0, 1]."""
+        x = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return [f.float() for f in self.extractor(x)]
+        return self.extractor(x)
+
+    @torch.inference_mode()
+    def score(self, images: torch.Tensor) -> ScoreOutput:
+        """Raw image scores and anomaly maps for a batch of preprocessed images."""
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"images must be {self.input_size}x{self.input_size}, got {tuple(images.shape)}")
+        return self.score_features(self.features(images))
+
+    @property
+    def meta(self) -> dict:
+        """JSON-able description: how the model was made and what it holds."""
+        spec = self.extractor.spec
+        meta = {
+            "method": self.method,
+            "backbone": self.cfg.backbone,
+            "layers": list(self.cfg.layers),
+            "input_size": self.input_size,
+            "normalization": {"mean": list(spec.mean), "std": list(spec.std), "range": "[0, 1] RGB"},
+            "resize": "bilinear with antialias to input_size x input_size; aspect ratio not kept",
+            "config": self.cfg.to_dict(),
+            "fit": dict(self.fit_stats),
+        }
+        meta.update(self.extra_meta())
+        if self.calibration is not None:
+            meta["threshold"] = self.calibration.threshold
+            meta["calibration"] = self.calibration.to_dict()
+            meta["normal_score_quantiles"] = meta["calibration"]["normal_score_quantiles"]
+        return meta
+
+    # ---- what each method supplies
+
+    @abstractmethod
+    def fit_features(self, batches: Iterable[list[torch.Tensor]], n_images: int) -> None:
+        """Learn the method's statistics from batches of backbone feature maps of normal images."""
+
+    @abstractmethod
+    def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
+        """Raw scores and maps from backbone feature maps."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted statistics to save (CPU, contiguous)."""
+
+    @abstractmethod
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore the fitted statistics (already checked against model.json)."""
+
+    def extra_meta(self) -> dict:
+        return {}
+
+    def save(self, model_dir) -> None:
+        from engine.artifact import save_model
+
+        save_model(self, model_dir)

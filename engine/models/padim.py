@@ -1,0 +1,104 @@
+"""PaDiM (Defard et al. 2020): one Gaussian per feature-grid position, Mahalanobis distance as score.
+
+fit:   embeddings of early backbone layers on the finest grid, a fixed seeded random channel subset;
+       per position mean and covariance (+ eps * I), inverted to precision matrices.
+score: map = Mahalanobis distance per position, upsampled to the input and blurred (sigma 4);
+       image score = max of the map.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from engine.blur import grid_to_map
+from engine.features import padim_embedding
+from engine.models.base import AnomalyModel, ScoreOutput
+from kernels import mahalanobis
+
+
+class PaDiM(AnomalyModel):
+    method = "padim"
+
+    mean: torch.Tensor  # (P, D)
+    precision: torch.Tensor  # (P, D, D)
+    channel_idx: torch.Tensor  # (D,) int64
+    grid: tuple[int, int]
+
+    def _choose_channels(self) -> torch.Tensor:
+        total = sum(self.extractor.channels)
+        n = min(self.cfg.padim_features, total)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        return torch.randperm(total, generator=gen)[:n].sort().values
+
+    def fit_features(self, batches: Iterable[list[torch.Tensor]], n_images: int) -> None:
+        t0 = time.perf_counter()
+        self.channel_idx = self._choose_channels()
+        total = sums = outer = None
+        count = 0
+        for fmaps in batches:
+            emb = padim_embedding(fmaps, self.channel_idx).double()  # (B, D, H, W)
+            b, d, h, w = emb.shape
+            x = emb.reshape(b, d, h * w).permute(2, 0, 1)  # (P, B, D)
+            if total is None:
+                self.grid = (h, w)
+                sums = torch.zeros((h * w, d), dtype=torch.float64, device=emb.device)
+                outer = torch.zeros((h * w, d, d), dtype=torch.float64, device=emb.device)
+                total = True
+            sums += x.sum(dim=1)
+            outer.baddbmm_(x.transpose(1, 2), x)
+            count += b
+        if count < 2:
+            raise ValueError("PaDiM needs at least 2 training images")
+        mean = sums / count
+        cov = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1)
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        cov += self.cfg.covariance_eps * eye
+        chol = torch.linalg.cholesky(cov)
+        precision = torch.cholesky_inverse(chol)
+        self._set_stats(mean.float(), precision.float())
+        self.fit_stats.update(
+            training_images=count,
+            positions=int(mean.shape[0]),
+            feature_dim=int(mean.shape[1]),
+            seconds_features=round(time.perf_counter() - t0, 3),
+        )
+
+    def _set_stats(self, mean: torch.Tensor, precision: torch.Tensor) -> None:
+        self.mean = mean.contiguous().to(self.device)
+        self.precision = precision.contiguous().to(self.device)
+
+    def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
+        emb = padim_embedding(feature_maps, self.channel_idx).float()
+        b, d, h, w = emb.shape
+        x = emb.reshape(b, d, h * w).transpose(1, 2)  # (B, P, D)
+        dist = mahalanobis.mahalanobis(x, self.mean, self.precision)
+        maps = grid_to_map(dist.view(b, h, w), self.input_size, self.cfg.blur_sigma)
+        return ScoreOutput(maps.amax(dim=(1, 2)).float(), maps.float())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        d = self.precision.shape[-1]
+        rows, cols = torch.tril_indices(d, d)
+        return {
+            "mean": self.mean.float().cpu().contiguous(),
+            "precision_tril": self.precision[:, rows, cols].float().cpu().contiguous(),
+            "channel_idx": self.channel_idx.long().cpu().contiguous(),
+        }
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        mean, packed = tensors["mean"], tensors["precision_tril"]
+        p, d = mean.shape
+        rows, cols = torch.tril_indices(d, d)
+        precision = torch.zeros((p, d, d), dtype=torch.float32)
+        precision[:, rows, cols] = packed.float()
+        precision[:, cols, rows] = packed.float()
+        self.channel_idx = tensors["channel_idx"].long()
+        self._set_stats(mean.float(), precision)
+
+    def extra_meta(self) -> dict:
+        mean = getattr(self, "mean", None)
+        if mean is None:
+            return {}
+        return {"positions": int(mean.shape[0]), "feature_dim": int(mean.shape[1]), "bank_size": 0}

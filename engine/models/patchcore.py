@@ -1,0 +1,121 @@
+"""PatchCore (Roth et al. 2022): a coreset memory bank of normal patch features, nearest-neighbour scores.
+
+fit:   patch embeddings of every training image -> random projection (selection only) -> greedy
+       k-center coreset of `coreset_ratio` of the patches -> memory bank (full-dimensional rows).
+score: patch score = distance to the nearest bank row; map = patch scores upsampled to the input and
+       blurred (sigma 4); image score = the max patch score reweighted by 1 - softmax over the distances
+       from that patch to the `num_neighbors` bank rows nearest its nearest bank row (the paper's eq. 7).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from engine.blur import grid_to_map
+from engine.features import patchcore_embedding, to_rows
+from engine.models.base import AnomalyModel, ScoreOutput
+from kernels import coreset, knn
+
+# Above this many bytes of float32 training embeddings, they are kept in float16 during the fit.
+EMBEDDING_FP32_BUDGET = 2 * 1024**3
+
+
+class PatchCore(AnomalyModel):
+    method = "patchcore"
+
+    bank: torch.Tensor
+    bank_sq_norms: torch.Tensor
+
+    def fit_features(self, batches: Iterable[list[torch.Tensor]], n_images: int) -> None:
+        t0 = time.perf_counter()
+        rows_store: torch.Tensor | None = None
+        filled = 0
+        for fmaps in batches:
+            rows = to_rows(patchcore_embedding(fmaps)).float().cpu()
+            if rows_store is None:
+                per_image = rows.shape[0] // fmaps[0].shape[0]
+                total = per_image * n_images
+                dtype = torch.float32 if total * rows.shape[1] * 4 <= EMBEDDING_FP32_BUDGET else torch.float16
+                rows_store = torch.empty((total, rows.shape[1]), dtype=dtype)
+            rows_store[filled : filled + rows.shape[0]] = rows
+            filled += rows.shape[0]
+        assert rows_store is not None, "no training batches"
+        embeddings = rows_store[:filled]
+        t1 = time.perf_counter()
+        picks, radius = self._select_coreset(embeddings)
+        t2 = time.perf_counter()
+        self._set_bank(embeddings[picks].float())
+        self.fit_stats.update(
+            training_patches=int(embeddings.shape[0]),
+            bank_size=int(picks.numel()),
+            coreset_covering_radius_projected=radius,
+            seconds_features=round(t1 - t0, 3),
+            seconds_coreset=round(t2 - t1, 3),
+        )
+
+    def _select_coreset(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        """Greedy k-center on a seeded Gaussian random projection of the embeddings."""
+        n_total, dim = embeddings.shape
+        n_keep = max(1, min(n_total, round(self.cfg.coreset_ratio * n_total)))
+        if n_keep == n_total:
+            return torch.arange(n_total), 0.0
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        proj_dim = self.cfg.projection_dim
+        if 0 < proj_dim < dim:
+            matrix = torch.randn(dim, proj_dim, generator=gen) / proj_dim**0.5
+            projected = torch.cat([embeddings[i : i + 65536].float() @ matrix for i in range(0, n_total, 65536)])
+        else:
+            projected = embeddings.float()
+        start = int(torch.randint(n_total, (1,), generator=gen))
+        if self.device.type == "cuda":
+            projected = projected.to(self.device)
+        picks = coreset.greedy_kcenter(projected, n_keep, start=start)
+        return picks.cpu(), None
+
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        self.bank = bank.contiguous().to(self.device)
+        self.bank_sq_norms = knn.sq_norms(self.bank)
+
+    def nearest(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return knn.topk(rows, self.bank, k, bank_sq_norms=self.bank_sq_norms)
+
+    def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
+        emb = patchcore_embedding(feature_maps).float()
+        b, c, h, w = emb.shape
+        rows = to_rows(emb)
+        dist, idx = self.nearest(rows, 1)
+        patch_scores = dist[:, 0].view(b, h * w)
+        image_scores = self._reweighted_max(patch_scores, idx[:, 0].view(b, h * w), rows.view(b, h * w, c))
+        maps = grid_to_map(patch_scores.view(b, h, w), self.input_size, self.cfg.blur_sigma)
+        return ScoreOutput(image_scores.float(), maps.float())
+
+    def _reweighted_max(self, patch_scores: torch.Tensor, nn_idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Max patch score times 1 - softmax(distances to the bank neighbours of its nearest entry)[0]."""
+        batch = torch.arange(patch_scores.shape[0], device=patch_scores.device)
+        worst = patch_scores.argmax(dim=1)
+        score = patch_scores[batch, worst]
+        k = min(self.cfg.num_neighbors, self.bank.shape[0])
+        if k <= 1:
+            return score
+        _, support = self.nearest(self.bank[nn_idx[batch, worst]], k)  # (B, k), first is the entry itself
+        worst_rows = rows[batch, worst]  # (B, C)
+        dists = torch.linalg.vector_norm(self.bank[support] - worst_rows[:, None, :], dim=2)
+        weights = 1.0 - torch.softmax(dists, dim=1)[:, 0]
+        return weights * score
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.bank.detach().float().cpu().contiguous()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._set_bank(tensors["bank"].float())
+
+    def extra_meta(self) -> dict:
+        bank = getattr(self, "bank", None)
+        return {"bank_size": int(bank.shape[0]) if bank is not None else 0, "feature_dim": self._feature_dim()}
+
+    def _feature_dim(self) -> int:
+        return int(sum(self.extractor.channels))
+

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.backbones import WideResNet50Trunk, build_extractor
+from engine.errors import ConfigError, WeightsError
+
+
+def test_lite0_shapes_and_strides_match_the_registry() -> None:
+    ext = build_extractor("efficientnet_lite0", ["blocks.1", "blocks.2", "blocks.4"])
+    maps = ext(torch.rand(1, 3, 128, 128))
+    assert [tuple(m.shape[1:]) for m in maps] == [(24, 32, 32), (40, 16, 16), (112, 8, 8)]
+    assert ext.strides == [4, 8, 16]
+
+
+def test_lite0_weights_are_the_pretrained_ones() -> None:
+    """Pretrained, not random: BN running stats differ from their init values (0 mean, 1 var)."""
+    ext = build_extractor("efficientnet_lite0", ["blocks.2"])
+    bn = ext.trunk.stem[1]
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+
+
+def test_wrn50_without_weights_says_how_to_supply_them() -> None:
+    with pytest.raises(WeightsError, match="--weights PATH"):
+        build_extractor("wide_resnet50_2", ["layer2", "layer3"])
+
+
+def test_wrn50_from_a_user_file(tmp_path: Path) -> None:
+    """A torchvision-named state dict (extra head keys included) loads; features come out."""
+    from safetensors.torch import save_file
+
+    trunk = WideResNet50Trunk(["layer2", "layer3"])
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in trunk.state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, 2048)
+    path = tmp_path / "wrn50.safetensors"
+    save_file(state, str(path))
+    ext = build_extractor("wide_resnet50_2", ["layer2", "layer3"], weights=path)
+    maps = ext(torch.rand(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == [512, 1024]
+    assert torch.equal(ext.trunk.conv1.weight, state["conv1.weight"])
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": torch.zeros(3)}, path)
+    with pytest.raises(WeightsError, match="parameters missing"):
+        build_extractor("wide_resnet50_2", ["layer2"], weights=path)
+    with pytest.raises(WeightsError, match="not found"):
+        build_extractor("wide_resnet50_2", ["layer2"], weights=tmp_path / "nope.pth")
+
+
+def test_invalid_layer_is_an_error_not_a_warning() -> None:
+    with pytest.raises(ConfigError, match="choose from"):
+        build_extractor("efficientnet_lite0", ["blocks.2", "layer3"])
