@@ -212,3 +212,34 @@ def test_ks_statistic_matches_scipy_on_the_histogram_edges() -> None:
     expected = ks_2samp(group, reference)
     assert result.groups[0].statistic == pytest.approx(expected.statistic, abs=0.01)
     assert result.groups[0].quantiles[0.5] == pytest.approx(np.median(group), abs=0.01)
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def test_report_renders_in_headless_chromium(report_html: str, scan_dir: Path, tmp_path: Path) -> None:
+    """The page as a browser draws it: not blank, and the embedded plots decode (their colours show)."""
+    import subprocess
+
+    from PIL import Image
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium not installed (Debian: apt-get install -y chromium)")
+    shot = tmp_path / "report.png"
+    command = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}", "--window-size=1280,2400", (scan_dir / "report.html").as_uri(),
+    ]
+    subprocess.run(command, check=True, timeout=120, capture_output=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    assert pixels.shape == (2400, 1280, 3)
+    assert pixels.std() > 20  # not a blank page
+    background = (np.abs(pixels - np.array([250, 250, 250])).sum(axis=2) < 6).mean()
+    assert background < 0.9
+    for bar_colour in ((0x4C, 0x72, 0xB0), (0xC4, 0x4E, 0x52)):  # histogram bars below / above the threshold
+        assert (np.abs(pixels - np.array(bar_colour)).sum(axis=2) < 24).sum() > 200
