@@ -38,3 +38,6 @@ def tiny_patchcore(demo_root: Path):
     from engine.datasets import train_images
 
     return fit(train_images(demo_root, "weave"), FitConfig(input_size=64, coreset_ratio=0.25, device="cpu"))
+
+
+pytest_plugins = ["conftest_scan"]  # scan fixtures (tests/conftest_scan.py, owned by the scan engineer)

@@ -1,0 +1,251 @@
+"""Scan inputs: enumerate a source lazily in a stable order, give each input a position, cut shards.
+
+A SOURCE is a folder (recursive, image extensions in any letter case, hidden entries skipped), a glob
+(`**` allowed), a text file of paths (one a line, `#` comments), or a Parquet manifest with a `path`
+column whose other columns travel with each record. Relative paths in a list or manifest are opened
+relative to the file that lists them; `path` keeps the text as given. Nothing holds the whole listing:
+folders and globs are walked one directory at a time (sorted), lists and manifests are streamed.
+
+Shards are fixed-size runs of consecutive positions: shard k holds positions [k*size, (k+1)*size).
+The order, and so every shard, is the same on every run over the same input.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.datasets import is_image_path
+from engine.errors import DataError
+
+MANIFEST_BATCH_ROWS = 16_384  # rows decoded to Python at a time (a few MiB)
+_MAGIC = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input: its position in the enumeration, the path as given, the file to open, carried columns."""
+
+    position: int
+    path: str
+    file: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of work and of retry: consecutive records starting at `start`."""
+
+    id: int
+    start: int
+    records: list[Record]
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.records)
+
+
+def _walk_sorted(root: Path, ancestors: set[tuple[int, int]] | None = None) -> Iterator[Path]:
+    """Files below root, depth first, names sorted within each folder; hidden entries skipped.
+
+    Symlinked folders are followed unless they lead back to a folder being walked (a loop);
+    `ancestors` holds the device and inode of the folders on the current path, so memory is O(depth).
+    """
+    ancestors = set() if ancestors is None else ancestors
+    stat = root.stat()
+    key = (stat.st_dev, stat.st_ino)
+    if key in ancestors:
+        return
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(f"cannot list folder {root}: {exc.strerror}") from exc
+    ancestors.add(key)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=True):
+            yield from _walk_sorted(Path(entry.path), ancestors)
+        elif entry.is_file(follow_symlinks=True):
+            yield Path(entry.path)
+    ancestors.discard(key)
+
+
+def _glob_sorted(base: Path, parts: list[str]) -> Iterator[Path]:
+    """Sorted glob: one pattern part per folder level; `**` matches zero or more folders."""
+    if not parts:
+        if base.is_file():
+            yield base
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        yield from _glob_sorted(base, rest)
+        for sub in sorted((p for p in _listdir(base) if p.is_dir() and not p.name.startswith(".")), key=str):
+            yield from _glob_sorted(sub, parts)
+    elif _MAGIC.search(head):
+        hidden_ok = head.startswith(".")
+        for child in sorted(_listdir(base), key=lambda p: p.name):
+            if fnmatch.fnmatchcase(child.name, head) and (hidden_ok or not child.name.startswith(".")):
+                yield from _glob_sorted(child, rest)
+    else:
+        yield from _glob_sorted(base / head, rest)
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(folder)]
+    except (NotADirectoryError, FileNotFoundError):
+        return []
+
+
+class Source:
+    """A stable enumeration of inputs. `records()` streams them; `extra_schema` types carried columns."""
+
+    kind = "source"
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.extra_schema = pa.schema([])
+
+    def _items(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        raise NotImplementedError
+
+    def records(self) -> Iterator[Record]:
+        for position, (path, file, extra) in enumerate(self._items()):
+            yield Record(position, path, file, extra)
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.spec}"
+
+
+class FolderSource(Source):
+    kind = "folder"
+
+    def _items(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        for path in _walk_sorted(Path(self.spec)):
+            if is_image_path(path):
+                yield str(path), str(path), {}
+
+
+class GlobSource(Source):
+    kind = "glob"
+
+    def _items(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        pattern = Path(self.spec)
+        parts = list(pattern.parts)
+        anchor = Path(parts.pop(0)) if pattern.is_absolute() else Path(".")
+        for path in _glob_sorted(anchor, parts):
+            text = str(path)
+            yield text, text, {}
+
+
+class ListSource(Source):
+    """A text file, one path a line; blank lines and lines starting with # are skipped."""
+
+    kind = "list"
+
+    def _items(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        base = Path(self.spec).parent
+        with open(self.spec, encoding="utf-8") as lines:
+            for line in lines:
+                text = line.rstrip("\r\n").strip()
+                if text and not text.startswith("#"):
+                    yield text, str(base / text), {}
+
+
+class ManifestSource(Source):
+    """A Parquet file with a `path` column; its other columns are carried into scores.parquet."""
+
+    kind = "manifest"
+
+    def __init__(self, spec: str):
+        super().__init__(spec)
+        try:
+            schema = pq.read_schema(spec)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"cannot read the Parquet manifest {spec}: {exc}") from exc
+        if "path" not in schema.names:
+            raise DataError(f"Parquet manifest {spec} has no 'path' column; its columns are {schema.names}")
+        if not pa.types.is_string(schema.field("path").type) and not pa.types.is_large_string(
+            schema.field("path").type
+        ):
+            raise DataError(f"the 'path' column of {spec} must hold strings, found {schema.field('path').type}")
+        self.extra_schema = pa.schema([f for f in schema if f.name != "path"])
+
+    def _items(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        base = Path(self.spec).parent
+        names = self.extra_schema.names
+        for batch in pq.ParquetFile(self.spec).iter_batches(batch_size=MANIFEST_BATCH_ROWS):
+            columns = batch.to_pydict()
+            for row, text in enumerate(columns["path"]):
+                extra = {name: columns[name][row] for name in names}
+                text = text or ""
+                yield text, str(base / text), extra
+
+
+def open_source(spec: str | Path) -> Source:
+    """Pick the kind of source from SPEC: folder, Parquet manifest, text list, or glob."""
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        return FolderSource(text)
+    if path.is_file():
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return ManifestSource(text)
+        if is_image_path(path):
+            return GlobSource(text)  # a single image file
+        return ListSource(text)
+    if _MAGIC.search(text):
+        return GlobSource(text)
+    raise DataError(
+        f"SOURCE {text!r} is not a folder, a file list, a Parquet manifest or a glob that could match files; "
+        "check the path"
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one counting pass over the source found: input count and a fingerprint of the listing."""
+
+    count: int
+    fingerprint: str
+
+
+def plan(source: Source) -> Plan:
+    """Stream the whole enumeration once: count it and hash paths and carried values (a changed input)."""
+    digest = hashlib.sha256()
+    count = 0
+    for record in source.records():
+        digest.update(record.path.encode("utf-8", "surrogateescape") + b"\0")
+        if record.extra:
+            digest.update(repr(list(record.extra.values())).encode("utf-8", "surrogateescape") + b"\0")
+        count += 1
+    return Plan(count, digest.hexdigest())
+
+
+def iter_shards(source: Source, shard_size: int) -> Iterator[Shard]:
+    """Consecutive fixed-size shards; only one shard's records are held at a time."""
+    if shard_size < 1:
+        raise DataError(f"shard size must be at least 1, got {shard_size}")
+    records: list[Record] = []
+    shard_id = 0
+    for record in source.records():
+        records.append(record)
+        if len(records) == shard_size:
+            yield Shard(shard_id, shard_id * shard_size, records)
+            shard_id, records = shard_id + 1, []
+    if records:
+        yield Shard(shard_id, shard_id * shard_size, records)
+
+
+def shard_count(count: int, shard_size: int) -> int:
+    return (count + shard_size - 1) // shard_size
