@@ -1,0 +1,87 @@
+"""Greedy k-center: the pruned CPU path and the dispatcher against brute force references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.coreset import greedy_kcenter, greedy_kcenter_torch, greedy_kcenter_with_radius
+from kernels.coreset_cpu import balanced_leaves, greedy_kcenter_pruned
+
+
+def clustered(n_rows: int, dim: int, n_clusters: int = 12, seed: int = 0) -> torch.Tensor:
+    """Gaussian blobs of different spreads, like patch features: dense groups plus outliers."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_clusters, dim, generator=gen) * 4
+    spread = torch.rand(n_clusters, 1, generator=gen) * 1.5 + 0.1
+    which = torch.randint(n_clusters, (n_rows,), generator=gen)
+    return centres[which] + torch.randn(n_rows, dim, generator=gen) * spread[which]
+
+
+def brute_float64(x: torch.Tensor, n: int, start: int) -> tuple[torch.Tensor, float]:
+    xd = x.double()
+    min_d2 = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    picks = [start]
+    for _ in range(n):
+        torch.minimum(min_d2, (xd - xd[picks[-1]]).pow(2).sum(1), out=min_d2)
+        min_d2[picks[-1]] = -1.0
+        picks.append(int(torch.argmax(min_d2)))
+    return torch.tensor(picks[:n]), float(min_d2.max().clamp_min(0).sqrt())
+
+
+@pytest.mark.parametrize("leaf_size", [16, 64])
+def test_pruned_equals_brute_force_on_clusters(leaf_size: int) -> None:
+    x = clustered(2001, 16)  # 2001 is not a multiple of any leaf size
+    picks, radius = greedy_kcenter_pruned(x, 200, start=7, leaf_size=leaf_size)
+    assert torch.equal(picks, greedy_kcenter_torch(x, 200, start=7))
+    ref_picks, ref_radius = brute_float64(x, 200, 7)
+    assert torch.equal(picks, ref_picks)
+    assert radius == pytest.approx(ref_radius, rel=1e-5)
+
+
+def test_pruned_all_rows_and_one_row() -> None:
+    x = clustered(517, 9, seed=1)
+    every, radius = greedy_kcenter_pruned(x, 517, start=3, leaf_size=32)
+    assert torch.equal(every, greedy_kcenter_torch(x, 517, start=3))
+    assert sorted(every.tolist()) == list(range(517))
+    assert radius == 0.0
+    one, radius_one = greedy_kcenter_pruned(x, 1, start=3, leaf_size=32)
+    assert one.tolist() == [3]
+    assert radius_one == pytest.approx(float(torch.cdist(x[3:4].double(), x.double()).max()), rel=1e-5)
+
+
+def test_repeated_rows_give_distinct_picks() -> None:
+    base = clustered(40, 5, seed=2)
+    x = torch.cat([base, base, base[:10]])  # every row at least twice
+    for picks in (greedy_kcenter_pruned(x, 90, leaf_size=16)[0], greedy_kcenter_torch(x, 90)):
+        assert len(set(picks.tolist())) == 90
+    # once each distinct row is picked the rest are at distance 0: the first 40 picks cover all
+    first, radius = greedy_kcenter_pruned(x, 40, leaf_size=16)
+    assert radius == 0.0
+    assert len({tuple(r) for r in x[first].tolist()}) == 40
+
+
+def test_leaves_are_balanced_and_cover_every_row() -> None:
+    x = clustered(1000, 6, seed=3)
+    leaves = balanced_leaves(x, 64)
+    sizes = (leaves >= 0).sum(1)
+    assert leaves.shape == (16, 64)
+    assert int(sizes.min()) >= 62 and int(sizes.max()) <= 64
+    assert sorted(leaves[leaves >= 0].tolist()) == list(range(1000))
+
+
+def test_dispatch_on_cpu_matches_reference_and_reports_radius() -> None:
+    x = clustered(4200, 8, seed=4)  # above PRUNED_MIN_ROWS: the pruned path
+    picks, radius = greedy_kcenter_with_radius(x, 120, start=11)
+    assert torch.equal(picks, greedy_kcenter_torch(x, 120, start=11))
+    assert torch.equal(greedy_kcenter(x, 120, start=11), picks)
+    covering = torch.cdist(x.double(), x[picks].double()).min(1).values.max()
+    assert radius == pytest.approx(float(covering), rel=1e-5)
+    small = x[:300]
+    assert torch.equal(greedy_kcenter(small, 30, backend="torch"), greedy_kcenter_torch(small, 30))
+
+
+@pytest.mark.parametrize(("n", "start"), [(0, 0), (11, 0), (3, 10), (3, -1)])
+def test_bad_arguments_are_refused(n: int, start: int) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        greedy_kcenter(torch.zeros(10, 3), n, start=start)
