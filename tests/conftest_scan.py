@@ -58,12 +58,14 @@ def real_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder of 160 small generated images in nested folders (for the kill-and-resume test)."""
-    from imagegen import jpeg_bytes, png_bytes, write_files
+    """162 small generated images in nested folders, two of them broken (for the kill-and-resume test)."""
+    from imagegen import broken_files, jpeg_bytes, png_bytes, write_files
 
     folder = tmp_path_factory.mktemp("many_images")
     for sub in range(4):
         files = {f"img_{i:03d}.png": png_bytes(80, 80, seed=sub * 40 + i) for i in range(20)}
         files.update({f"img_{i:03d}.JPG": jpeg_bytes(80, 80, seed=sub * 40 + i) for i in range(20, 40)})
         write_files(folder / f"part{sub}", files)
+    broken = broken_files()
+    write_files(folder / "part1", {"truncated.jpg": broken["truncated.jpg"][0], "empty.png": b""})
     return folder
