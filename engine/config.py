@@ -67,7 +67,15 @@ class FitConfig:
 
         _choice("method", self.method, METHODS)
         _choice("device", self.device, DEVICES)
-        check_layers(get_spec(self.backbone), self.layers)
+        spec = get_spec(self.backbone)
+        check_layers(spec, self.layers)
+        if spec.needs_weights_file and not self.weights:
+            from engine.errors import WeightsError
+
+            raise WeightsError(
+                f"{self.backbone} needs ImageNet weights from a file you supply: pass --weights PATH "
+                "(torchvision's state dict, .pth or .safetensors) or set `weights:` in the config"
+            )
         _range("input_size", self.input_size, 32, 4096)
         _range("coreset_ratio", self.coreset_ratio, 1e-6, 1.0)
         _range("projection_dim", self.projection_dim, 0, 100_000)

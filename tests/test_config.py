@@ -9,8 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
-def test_presets_load_and_validate(preset: Path) -> None:
-    cfg = load_config(preset)
+def test_presets_load_and_validate(preset: Path, tmp_path: Path) -> None:
+    cfg = load_config(preset, {"weights": str(tmp_path / "w.pth")} if "wrn50" in preset.stem else None)
     method, backbone = preset.stem.split("_")
     assert cfg.method == method
     assert cfg.backbone.startswith({"lite0": "efficientnet", "wrn50": "wide_resnet"}[backbone])
@@ -52,3 +52,10 @@ def test_bad_yaml_is_refused(tmp_path: Path) -> None:
     f.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(f)
+
+
+def test_wrn50_preset_without_weights_says_how_to_supply_them() -> None:
+    from engine.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="--weights PATH"):
+        load_config(REPO / "configs" / "patchcore_wrn50.yaml")
