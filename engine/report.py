@@ -64,6 +64,19 @@ def _find_number(tree: Any, words: tuple[str, ...]) -> float | None:
     return None
 
 
+def _throughput_from_file_times(data: ScanData) -> float | None:
+    """Rows / (scores.parquet written - scan.json "created"): wall clock, model loading included."""
+    try:
+        created = datetime.fromisoformat(str(data.scan_meta["created"]))
+        finished = (data.out_dir / "scores.parquet").stat().st_mtime
+    except (KeyError, ValueError, OSError):
+        return None
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    seconds = finished - created.timestamp()
+    return data.n_rows / seconds if seconds > 0 else None
+
+
 def _summary(data: ScanData) -> str:
     meta = data.model_meta or {}
     config = meta.get("config", {}) if isinstance(meta.get("config"), dict) else {}
@@ -72,13 +85,17 @@ def _summary(data: ScanData) -> str:
     seconds = _find_number(data.scan_meta, ("elapsed_s", "wall_s", "seconds", "duration"))
     if per_second is None and seconds:
         per_second = data.n_rows / seconds
+    speed_label = "images / s (scan)"
+    if per_second is None:
+        per_second = _throughput_from_file_times(data)
+        speed_label = "images / s (scan, from file times)"
     anomalous_share = data.n_anomalous / data.n_ok if data.n_ok else float("nan")
     cards = [
         (f"{data.n_rows:,}", "images"),
         (f"{data.n_ok:,}", "scored ok"),
         (f"{data.n_error:,}", "errors"),
         (f"{data.n_anomalous:,} ({anomalous_share:.1%})", "anomalous"),
-        (_fmt(per_second, 1) if per_second else "not recorded", "images / s (scan)"),
+        (_fmt(per_second, 1) if per_second else "not recorded", speed_label),
     ]
     card_html = "".join(f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for v, k in cards)
     model_rows = [

@@ -8,6 +8,7 @@ Maps are never read here: the report reads only the few it shows, by index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -81,23 +82,45 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def find_model_meta(out_dir: Path, scan_meta: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """The model's metadata as the scan recorded it: OUT_DIR/model.json, scan.json or the maps' attributes."""
-    meta = _read_json(out_dir / "model.json")
-    if meta is not None:
-        return meta, "model.json"
-    for key in ("model_meta", "model"):
-        if isinstance(scan_meta.get(key), dict):
-            return scan_meta[key], f"scan.json[{key!r}]"
+def _maps_attrs(out_dir: Path) -> dict[str, Any]:
     try:
         import zarr
 
-        attrs = dict(zarr.open_array(out_dir / "maps.zarr" / "maps", mode="r").attrs)
-    except Exception:  # noqa: BLE001 - no or unreadable maps: the report says there is no model record
-        return None, ""
-    for key in ("model_meta", "model"):
-        if isinstance(attrs.get(key), dict):
-            return attrs[key], f"maps.zarr attribute {key!r}"
+        return dict(zarr.open_array(out_dir / "maps.zarr" / "maps", mode="r").attrs)
+    except Exception:  # noqa: BLE001 - no or unreadable maps: nothing recorded there
+        return {}
+
+
+def find_model_meta(out_dir: Path, scan_meta: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The model's metadata for this scan, and where it came from. In order of preference:
+
+    OUT_DIR/model.json (a copy); scan.json's "model_meta"; the model directory scan.json names, when its
+    model.json still has the SHA-256 recorded as "model_fingerprint" (the very model that scanned);
+    the summary in the maps' attributes ("model" + "threshold_raw": no fit-time normal scores).
+    """
+    meta = _read_json(out_dir / "model.json")
+    if meta is not None:
+        return meta, "model.json in the scan folder"
+    if isinstance(scan_meta.get("model_meta"), dict):
+        return scan_meta["model_meta"], "scan.json"
+    model_dir, fingerprint = scan_meta.get("model_dir"), scan_meta.get("model_fingerprint")
+    if isinstance(model_dir, str) and isinstance(fingerprint, str):
+        candidates = [Path(model_dir)] + ([] if Path(model_dir).is_absolute() else [out_dir.parent / model_dir])
+        for directory in candidates:
+            try:
+                blob = (directory / "model.json").read_bytes()
+            except OSError:
+                continue
+            if hashlib.sha256(blob).hexdigest() == fingerprint:
+                meta = json.loads(blob)
+                if isinstance(meta, dict):
+                    return meta, f"{directory / 'model.json'} (the model directory of the scan, fingerprint checked)"
+    attrs = _maps_attrs(out_dir)
+    if isinstance(attrs.get("model"), dict):
+        meta = dict(attrs["model"])
+        if "threshold" not in meta and attrs.get("threshold_raw") is not None:
+            meta["threshold"] = attrs["threshold_raw"]
+        return meta, "maps.zarr attributes (summary only: no fit-time normal scores)"
     return None, ""
 
 

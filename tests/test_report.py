@@ -243,3 +243,46 @@ def test_report_renders_in_headless_chromium(report_html: str, scan_dir: Path, t
     assert background < 0.9
     for bar_colour in ((0x4C, 0x72, 0xB0), (0xC4, 0x4E, 0x52)):  # histogram bars below / above the threshold
         assert (np.abs(pixels - np.array(bar_colour)).sum(axis=2) < 24).sum() > 200
+
+
+def test_model_record_found_through_the_fingerprinted_model_dir(scan_dir: Path, tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from engine.report_data import find_model_meta
+
+    out = tmp_path / "out"
+    shutil.copytree(scan_dir, out)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (out / "model.json").rename(model_dir / "model.json")
+    blob = (model_dir / "model.json").read_bytes()
+    scan_meta = {"model_dir": str(model_dir), "model_fingerprint": hashlib.sha256(blob).hexdigest()}
+    meta, where = find_model_meta(out, scan_meta)
+    assert meta is not None and meta["method"] == "mean-image" and "fingerprint checked" in where
+    # another model.json in that folder now: not this scan's model, so only the maps' summary is used
+    zarr.open_array(out / "maps.zarr" / "maps", mode="r+").attrs.update({"model": {"method": "padim"}, "threshold_raw": 1.5})
+    meta, where = find_model_meta(out, {**scan_meta, "model_fingerprint": "0" * 64})
+    assert meta == {"method": "padim", "threshold": 1.5} and "summary only" in where
+
+
+@pytest.mark.slow
+def test_report_of_a_real_scan(scan_model_dir: Path, bottle_root: Path, tmp_path: Path) -> None:
+    """A real `scan` (PatchCore, 64 px) of bottle test images plus an unreadable file, then the report."""
+    pipeline = pytest.importorskip("engine.pipeline", reason="the scan engine (engine/pipeline.py) is not there yet")
+    items = datasets.test_items(bottle_root, "bottle")
+    picked = [i.path for i in items if i.defect == "good"][:8] + [i.path for i in items if i.defect != "good"][::4]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(map(str, [*picked, broken])) + "\n")
+    out = tmp_path / "scan"
+    pipeline.scan(scan_model_dir, listing, out, pipeline.ScanOptions(device="cpu", shard_size=8, decoder="pillow"))
+    page = build_report(out, top=6, contrast=3).read_text(encoding="utf-8")
+    data = load_scan(out)
+    assert data.n_rows == len(picked) + 1 and data.n_error == 1
+    assert data.model_meta is not None and data.model_meta.get("method") == "patchcore"
+    assert "patchcore" in page and "efficientnet_lite0" in page
+    assert page.count("data:image/jpeg") == 6 + 3 and not re.search(r"https?:", page)
+    assert {"good", "broken_large"} <= {r.label for r in data.sample}
+    assert "Labelled accuracy" in page and "AUROC" in page
