@@ -21,7 +21,8 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from engine import __version__, metrics, report_plots
 from engine.decode import read_rgb
 from engine.errors import DecodeError
-from engine.report_data import Row, ScanData, load_scan, normal_reference
+from engine.report_data import Row, ScanData, load_scan
+from engine.report_meta import normal_reference
 from engine.report_drift import DriftResult, drift
 
 MAX_CURVES = 8  # defect types drawn (by count); the table lists all

@@ -8,8 +8,6 @@ Maps are never read here: the report reads only the few it shows, by index.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from collections import Counter
@@ -23,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.errors import DataError
+from engine.report_meta import find_model_meta, normal_reference, read_json
 
 REQUIRED_COLUMNS = ("path", "index", "score", "status")
 TIME_COLUMNS = ("timestamp", "time", "datetime", "date", "captured_at", "acquired_at")
@@ -72,71 +71,6 @@ class ScanData:
     @property
     def labelled(self) -> list[Row]:
         return [r for r in self.sample if r.label is not None]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _maps_attrs(out_dir: Path) -> dict[str, Any]:
-    try:
-        import zarr
-
-        return dict(zarr.open_array(out_dir / "maps.zarr" / "maps", mode="r").attrs)
-    except Exception:  # noqa: BLE001 - no or unreadable maps: nothing recorded there
-        return {}
-
-
-def find_model_meta(out_dir: Path, scan_meta: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """The model's metadata for this scan, and where it came from. In order of preference:
-
-    OUT_DIR/model.json (a copy); scan.json's "model_meta"; the model directory scan.json names, when its
-    model.json still has the SHA-256 recorded as "model_fingerprint" (the very model that scanned);
-    the summary in the maps' attributes ("model" + "threshold_raw": no fit-time normal scores).
-    """
-    meta = _read_json(out_dir / "model.json")
-    if meta is not None:
-        return meta, "model.json in the scan folder"
-    if isinstance(scan_meta.get("model_meta"), dict):
-        return scan_meta["model_meta"], "scan.json"
-    model_dir, fingerprint = scan_meta.get("model_dir"), scan_meta.get("model_fingerprint")
-    if isinstance(model_dir, str) and isinstance(fingerprint, str):
-        candidates = [Path(model_dir)] + ([] if Path(model_dir).is_absolute() else [out_dir.parent / model_dir])
-        for directory in candidates:
-            try:
-                blob = (directory / "model.json").read_bytes()
-            except OSError:
-                continue
-            if hashlib.sha256(blob).hexdigest() == fingerprint:
-                meta = json.loads(blob)
-                if isinstance(meta, dict):
-                    return meta, f"{directory / 'model.json'} (the model directory of the scan, fingerprint checked)"
-    attrs = _maps_attrs(out_dir)
-    if isinstance(attrs.get("model"), dict):
-        meta = dict(attrs["model"])
-        if "threshold" not in meta and attrs.get("threshold_raw") is not None:
-            meta["threshold"] = attrs["threshold_raw"]
-        return meta, "maps.zarr attributes (summary only: no fit-time normal scores)"
-    return None, ""
-
-
-def normal_reference(meta: dict[str, Any] | None) -> tuple[np.ndarray | None, dict[float, float] | None]:
-    """Fit-time normal scores on the report's scale (0.5 = threshold): (sample or None, quantiles or None)."""
-    if not meta:
-        return None, None
-    calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
-    for values in (calibration.get("normal_scores_normalized"), meta.get("normal_scores_normalized"), meta.get("normal_scores")):
-        if isinstance(values, list) and values:
-            sample = np.asarray(values, dtype=np.float64)
-            return np.sort(sample[np.isfinite(sample)]), None
-    quantiles = meta.get("normal_score_quantiles") or calibration.get("normal_score_quantiles")
-    if isinstance(quantiles, dict) and quantiles:
-        return None, {float(q): float(v) for q, v in sorted(quantiles.items(), key=lambda kv: float(kv[0]))}
-    return None, None
 
 
 def _column_labels(values: list[Any]) -> list[str | None]:
@@ -290,6 +224,94 @@ def _error_message(text: str | None) -> str:
     return _PATH_TOKEN.sub("<path>", re.sub(r"\s+", " ", lines[0]))[:300]
 
 
+class _Accumulator:
+    """Folds record batches of scores.parquet into a ScanData; memory bounded by top, sample and groups."""
+
+    def __init__(self, data: ScanData, grouper: _Grouper, top: int, seed: int):
+        self.data, self.grouper, self.top = data, grouper, top
+        self.hists = np.zeros((max(len(grouper.names), 1), HIST_BINS), dtype=np.int64)
+        self.rng = np.random.default_rng(seed)
+        self.top_rows: list[Row] = []
+        self.error_counts: Counter[str] = Counter()
+        self.error_examples: dict[str, list[str]] = {}
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        data = self.data
+        ok = batch.column("status").to_numpy(zero_copy_only=False) == "ok"
+        scores = batch.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        usable = ok & np.isfinite(scores)
+        data.n_rows += batch.num_rows
+        data.n_ok += int(ok.sum())
+        data.n_error += int((~ok).sum())
+        if "is_anomalous" in batch.schema.names:
+            flagged = batch.column("is_anomalous").to_numpy(zero_copy_only=False)
+            data.n_anomalous += int((ok & (flagged == True)).sum())  # noqa: E712 - nulls are not anomalous
+        else:
+            data.n_anomalous += int((scores[usable] >= 0.5).sum())
+        self._histogram(batch, scores, usable)
+        self._keep_rows(batch, scores, usable)
+        if (~ok).any():
+            self._errors(batch, np.flatnonzero(~ok))
+
+    def _histogram(self, batch: pa.RecordBatch, scores: np.ndarray, usable: np.ndarray) -> None:
+        groups = self.grouper.assign(batch)
+        if len(self.grouper.names) > self.hists.shape[0]:  # new folders in this batch
+            extra = np.zeros((len(self.grouper.names) - self.hists.shape[0], HIST_BINS), np.int64)
+            self.hists = np.vstack([self.hists, extra])
+        bins = np.clip(np.searchsorted(self.data.hist_edges, scores, side="right") - 1, 0, HIST_BINS - 1)
+        flat = groups[usable] * HIST_BINS + bins[usable]
+        self.hists += np.bincount(flat, minlength=self.hists.size).reshape(self.hists.shape)
+
+    def _keep_rows(self, batch: pa.RecordBatch, scores: np.ndarray, usable: np.ndarray) -> None:
+        """The batch's best rows (candidates for the top N) and its share of the random sample."""
+        index = batch.column("index").to_numpy(zero_copy_only=False).astype(np.int64)
+        take_top = np.flatnonzero(usable & (index >= 0)) if self.top > 0 else np.zeros(0, np.int64)
+        if take_top.size > self.top:
+            take_top = take_top[np.argpartition(-scores[take_top], self.top - 1)[: self.top]]
+        take_sample = np.flatnonzero(usable & (self.rng.random(batch.num_rows) < self.data.sample_fraction))
+        chosen = np.union1d(take_top, take_sample)
+        if not chosen.size:
+            return
+        subset = batch.take(pa.array(chosen))
+        labels = _labels(subset)
+        paths = subset.column("path").to_pylist()
+        has_raw = "raw_score" in batch.schema.names
+        raw = subset.column("raw_score").to_pylist() if has_raw else [None] * chosen.size
+        in_top, in_sample = np.isin(chosen, take_top), np.isin(chosen, take_sample)
+        for j, i in enumerate(chosen):
+            row = Row(paths[j], int(index[i]), float(scores[i]), raw[j], labels[j])
+            if in_top[j]:
+                self.top_rows.append(row)
+            if in_sample[j]:
+                self.data.sample.append(row)
+        self.top_rows = sorted(self.top_rows, key=lambda r: -r.score)[: self.top]
+
+    def _errors(self, batch: pa.RecordBatch, bad: np.ndarray) -> None:
+        take = pa.array(bad)
+        has_error = "error" in batch.schema.names
+        messages = batch.column("error").take(take).to_pylist() if has_error else [None] * bad.size
+        for message, path in zip(messages, batch.column("path").take(take).to_pylist()):
+            key = _error_message(message)
+            if key not in self.error_counts and len(self.error_counts) >= MAX_ERROR_MESSAGES:
+                key = "(other messages)"
+            self.error_counts[key] += 1
+            examples = self.error_examples.setdefault(key, [])
+            if len(examples) < 3:
+                examples.append(path)
+
+    def finish(self, label_columns: bool) -> ScanData:
+        data = self.data
+        if not label_columns and not any(r.label == "good" for r in data.sample):
+            # A `test/<x>/` folder without `test/good/` is not the MVTec layout: these are no labels.
+            for row in data.sample + self.top_rows:
+                row.label = None
+        data.top = self.top_rows
+        data.group_names = self.grouper.names
+        data.group_hists = self.hists[: len(self.grouper.names)]
+        data.errors = [(m, c, self.error_examples[m]) for m, c in self.error_counts.most_common()]
+        return data
+
+
 def load_scan(out_dir: Path, *, top: int = 24, sample_rows: int = 200_000, group_by: str = "auto", seed: int = 0) -> ScanData:
     """Everything the report shows about OUT_DIR, in memory bounded by top, sample_rows and the groups."""
     out_dir = Path(out_dir)
@@ -307,84 +329,18 @@ def load_scan(out_dir: Path, *, top: int = 24, sample_rows: int = 200_000, group
         raise DataError(f"{scores_path} lacks the columns {missing}; a vade scan writes {list(REQUIRED_COLUMNS)} at least")
 
     data = ScanData(out_dir=out_dir, columns=names)
-    data.scan_meta = _read_json(out_dir / "scan.json") or {}
+    data.scan_meta = read_json(out_dir / "scan.json") or {}
     data.model_meta, data.model_meta_source = find_model_meta(out_dir, data.scan_meta)
     reference, _ = normal_reference(data.model_meta)
-    time_column = _time_column(pf.schema_arrow)
-    first = _first_pass(pf, time_column)
+    first = _first_pass(pf, _time_column(pf.schema_arrow))
     kind, time_column = _choose_grouping(group_by, pf.schema_arrow, first)
     grouper = _Grouper(kind, first, time_column)
     data.group_kind = f"time column {time_column!r}" if kind == "time" else kind
     data.hist_edges = _edges(first["scores"], reference)
-    hists = np.zeros((max(len(grouper.names), 1), HIST_BINS), dtype=np.int64)
+    data.sample_fraction = min(1.0, sample_rows / max(pf.metadata.num_rows, 1))
 
-    n_total = pf.metadata.num_rows
-    data.sample_fraction = min(1.0, sample_rows / max(n_total, 1))
-    rng = np.random.default_rng(seed)
-    top_rows: list[Row] = []
-    error_counts: Counter[str] = Counter()
-    error_examples: dict[str, list[str]] = {}
+    accumulator = _Accumulator(data, grouper, top, seed)
     wanted = [c for c in ("path", "index", "score", "raw_score", "status", "error", "is_anomalous", "shard", "label", "defect") if c in names]
-    wanted += [time_column] if time_column else []
-    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
-        n = batch.num_rows
-        data.n_rows += n
-        status = batch.column("status").to_numpy(zero_copy_only=False)
-        ok = status == "ok"
-        data.n_ok += int(ok.sum())
-        data.n_error += int((~ok).sum())
-        if "is_anomalous" in batch.schema.names:
-            data.n_anomalous += int(pc.sum(pc.and_(batch.column("is_anomalous"), pa.array(ok))).as_py() or 0)
-        scores = batch.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-        usable = ok & np.isfinite(scores)
-        if "is_anomalous" not in batch.schema.names:
-            data.n_anomalous += int((scores[usable] >= 0.5).sum())
-        groups = grouper.assign(batch)
-        if len(grouper.names) > hists.shape[0]:  # folders found so far
-            hists = np.vstack([hists, np.zeros((len(grouper.names) - hists.shape[0], HIST_BINS), np.int64)])
-        bins = np.clip(np.searchsorted(data.hist_edges, scores, side="right") - 1, 0, HIST_BINS - 1)
-        flat = groups[usable] * HIST_BINS + bins[usable]
-        hists += np.bincount(flat, minlength=hists.size).reshape(hists.shape)
-
-        index = batch.column("index").to_numpy(zero_copy_only=False).astype(np.int64)
-        with_map = usable & (index >= 0)
-        take_top = np.flatnonzero(with_map)
-        if take_top.size > top:
-            take_top = take_top[np.argpartition(-scores[take_top], top - 1)[:top]]
-        take_sample = np.flatnonzero(usable & (rng.random(n) < data.sample_fraction))
-        chosen = np.union1d(take_top, take_sample)
-        if chosen.size:
-            subset = batch.take(pa.array(chosen))
-            labels = _labels(subset)
-            paths = subset.column("path").to_pylist()
-            raw = subset.column("raw_score").to_pylist() if "raw_score" in names else [None] * chosen.size
-            in_top, in_sample = np.isin(chosen, take_top), np.isin(chosen, take_sample)
-            for j, i in enumerate(chosen):
-                row = Row(paths[j], int(index[i]), float(scores[i]), raw[j], labels[j])
-                if in_top[j]:
-                    top_rows.append(row)
-                if in_sample[j]:
-                    data.sample.append(row)
-            top_rows = sorted(top_rows, key=lambda r: -r.score)[:top]
-
-        if (~ok).any():
-            bad = np.flatnonzero(~ok)
-            messages = batch.column("error").take(pa.array(bad)).to_pylist() if "error" in names else [None] * bad.size
-            bad_paths = batch.column("path").take(pa.array(bad)).to_pylist()
-            for message, path in zip(messages, bad_paths):
-                key = _error_message(message)
-                if key not in error_counts and len(error_counts) >= MAX_ERROR_MESSAGES:
-                    key = "(other messages)"
-                error_counts[key] += 1
-                examples = error_examples.setdefault(key, [])
-                if len(examples) < 3:
-                    examples.append(path)
-    if not {"defect", "label"} & set(names) and not any(r.label == "good" for r in data.sample):
-        # A `test/<x>/` folder without `test/good/` is not the MVTec layout: these are no labels.
-        for row in data.sample + top_rows:
-            row.label = None
-    data.top = top_rows
-    data.group_names = grouper.names
-    data.group_hists = hists[: len(grouper.names)]
-    data.errors = [(msg, count, error_examples[msg]) for msg, count in error_counts.most_common()]
-    return data
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=wanted + ([time_column] if time_column else [])):
+        accumulator.add(batch)
+    return accumulator.finish(label_columns=bool({"defect", "label"} & set(names)))

@@ -249,7 +249,7 @@ def test_model_record_found_through_the_fingerprinted_model_dir(scan_dir: Path, 
     import hashlib
     import shutil
 
-    from engine.report_data import find_model_meta
+    from engine.report_meta import find_model_meta
 
     out = tmp_path / "out"
     shutil.copytree(scan_dir, out)
