@@ -53,8 +53,11 @@ class DaliDecoder:
     """An NVIDIA DALI pipeline fed with file bytes: device="cpu" without CUDA, "mixed" with it."""
 
     name = "dali"
-    formats = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP"})
-    modes = frozenset({"RGB", "L", "RGBA", "P"})  # CMYK and 16-bit go to Pillow, whose conversion is the reference
+    # Only formats whose structure inspect_bytes verifies: DALI decodes some broken files without an
+    # error (a truncated BMP, say) where Pillow refuses them. CMYK and 16-bit go to Pillow too, whose
+    # conversion is the reference.
+    formats = frozenset({"JPEG", "PNG"})
+    modes = frozenset({"RGB", "L", "RGBA", "P"})
 
     def __init__(self, device: torch.device, batch_size: int, threads: int = 1):
         self.device = device
@@ -166,4 +169,5 @@ def make_decoder(name: str, device: torch.device, batch_size: int = 32, threads:
         return DaliDecoder(device, batch_size, threads)
     if name == "nvjpeg":
         return NvjpegDecoder(device)
-    return PillowDecoder(device)
+    # Pillow pixels stay on the CPU: they are resized there and the batch is moved to the device once.
+    return PillowDecoder(torch.device("cpu"))

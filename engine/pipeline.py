@@ -1,321 +1,41 @@
-"""The scan loop: shards -> batches decoded in a background thread -> model -> writer thread.
+"""Scan a collection: plan it, run its shards (resumably), consolidate. The public scan API.
 
-Three stages run at once: a loader thread reads, inspects, decodes and resizes batch n+1 while the main
-thread runs the model on batch n and a writer thread stores batch n-1 (Zarr chunks, then the shard's
-Parquet part and completion marker). Queues between them are bounded, so memory is too.
+    result = scan(model_dir, source, out_dir, device="cpu")        # one process, the default
+    job = open_scan(model_dir, source, out_dir, options, resume=True)  # a driver that runs shards itself
+    for shard in job.pending_shards(): run_shard(job.model, shard, out_dir, options)   # anywhere
+    job.finish()
 
-Determinism: the backbone always sees micro-batches of one fixed size per device (MODEL_BATCH, the
-last one padded with zeros), and the scoring step runs one image at a time, so an image's score and map
-depend neither on --batch-size nor on which images share its batch (kernels may pick a different
-reduction order for a different batch shape; a fixed shape keeps every run bitwise identical).
-tests/test_scan.py checks scans with batch sizes 1, 5 and 12 for bitwise-equal scores and maps.
+A shard is the unit of work and of retry: run_shard writes its Zarr chunks, then its Parquet part,
+then its completion marker, and rerunning it rewrites the same values. open_scan creates OUT_DIR (or
+reopens it with --resume, refusing a different model, input or setting); finish() consolidates the
+parts into scores.parquet. The single-process scan streams all pending shards through one overlapped
+loop (engine.scan_loop) so decoding never stalls between shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from engine import __version__
-from engine.decode import DEFAULT_MAX_PIXELS, inspect_bytes, read_bytes, resize_batch
-from engine.decoders import Decoder, make_decoder
-from engine.errors import ConfigError, DecodeError
+from engine.decoders import make_decoder
+from engine.errors import ConfigError
 from engine.progress import Progress
-from engine.sources import Record, Shard, iter_shards, open_source, plan, shard_count
-from engine.writers import ScanStore, ShardCounts, encode_schema, output_name, rows_schema, shard_rows
+from engine.scan_loop import MODEL_BATCH, ScanOptions, StageTimes, resolve_model_batch, run_shards
+from engine.sources import Shard, Source, iter_shards, open_source, plan, shard_count
+from engine.writers import ScanStore, ShardCounts, check_new_out_dir, encode_schema, rows_schema
 
-_DONE = object()
-MODEL_BATCH = {"cpu": 8, "cuda": 64}  # images per backbone call, fixed per device type (determinism)
-F16_MAX = 65504.0  # maps are stored as float16: larger values are clipped, not turned into inf
-
-
-@dataclass
-class ScanOptions:
-    """How to run a scan (what it computes is fixed by the model and the source)."""
-
-    device: str = "auto"
-    decoder: str = "auto"
-    batch_size: int = 32  # images decoded and written together; best a multiple of the model batch
-    model_batch: int = 0  # images per backbone call; 0 = MODEL_BATCH for the device. Part of the result.
-    shard_size: int = 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    prefetch_batches: int = 2  # decoded batches waiting for the model
-    write_queue: int = 4  # scored batches waiting for the writer
-    decode_threads: int = 1  # DALI worker threads; keep light on small CPUs (torch uses the cores)
-
-    def validate(self) -> None:
-        checks = (("batch_size", 1), ("shard_size", 1), ("max_pixels", 1), ("decode_threads", 1), ("model_batch", 0))
-        for name, low in checks:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-
-
-@dataclass
-class LoadedBatch:
-    """Decoded, resized images of consecutive records of one shard; failures as messages."""
-
-    shard: Shard
-    records: list[Record]
-    images: torch.Tensor  # (n_ok, 3, S, S) float32 in [0, 1]
-    ok: list[int]  # offsets into records of the decoded images, in order
-    sizes: dict[int, tuple[int, int]]  # offset -> (width, height) after EXIF orientation
-    errors: dict[int, str]  # offset -> what is wrong with the file
-    last_in_shard: bool
-    seconds: float
-
-
-@dataclass
-class ScoredBatch:
-    loaded: LoadedBatch
-    raw_scores: np.ndarray  # (n_ok,) float32
-    scores: np.ndarray  # (n_ok,) float32, normalised
-    maps: np.ndarray  # (n_ok, S, S) float16, normalised
-    anomalous: np.ndarray  # (n_ok,) bool
-
-
-@dataclass
-class StageTimes:
-    """Seconds spent per stage (loader and writer run in their own threads, overlapped)."""
-
-    decode: float = 0.0
-    features: float = 0.0
-    scoring: float = 0.0
-    write: float = 0.0
-    images: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
-
-
-def load_batch(
-    shard: Shard, records: list[Record], decoder: Decoder, size: int, max_pixels: int, last: bool
-) -> LoadedBatch:
-    """Read, inspect, decode and resize one batch; each unreadable file becomes an error message."""
-    t0 = time.perf_counter()
-    errors: dict[int, str] = {}
-    items, offsets = [], []
-    for offset, record in enumerate(records):
-        try:
-            if not record.path:
-                raise DecodeError("no path given for this input")
-            data = read_bytes(record.file)
-            items.append((data, inspect_bytes(data, Path(record.file).suffix, max_pixels)))
-            offsets.append(offset)
-        except DecodeError as exc:
-            errors[offset] = str(exc)
-    pixels: list[torch.Tensor] = []
-    ok: list[int] = []
-    sizes: dict[int, tuple[int, int]] = {}
-    for offset, result in zip(offsets, decoder.decode(items), strict=True):
-        if isinstance(result, DecodeError):
-            errors[offset] = str(result)
-        else:
-            pixels.append(result)
-            ok.append(offset)
-            sizes[offset] = (int(result.shape[1]), int(result.shape[0]))
-    images = resize_batch(pixels, size) if pixels else torch.empty((0, 3, size, size))
-    return LoadedBatch(shard, records, images, ok, sizes, errors, last, time.perf_counter() - t0)
-
-
-def _batches(shards: Iterable[Shard], batch_size: int) -> Iterator[tuple[Shard, list[Record], bool]]:
-    for shard in shards:
-        for start in range(0, len(shard.records), batch_size):
-            stop = start + batch_size
-            yield shard, shard.records[start:stop], stop >= len(shard.records)
-
-
-class _Worker(threading.Thread):
-    """A daemon thread whose exception is re-raised in the caller by `check()`."""
-
-    def __init__(self, name: str, target: Callable[[], None]):
-        super().__init__(name=name, daemon=True)
-        self._target_fn = target
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._target_fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            self.error = exc
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-class ShardWriter:
-    """Writes scored batches: maps into Zarr at once, rows collected and written when a shard ends."""
-
-    def __init__(self, store: ScanStore, on_shard_done: Callable[[Shard, ShardCounts], None] | None = None):
-        self.store = store
-        self.maps = store.maps_array()
-        self.extra_names = {name: output_name(name) for name in store.manifest.get("source_columns", [])}
-        self.on_shard_done = on_shard_done
-        self.seconds = 0.0
-        self._columns: dict[str, list[Any]] = {}
-        self._counts = ShardCounts()
-
-    def write(self, scored: ScoredBatch) -> None:
-        t0 = time.perf_counter()
-        loaded = scored.loaded
-        first = loaded.records[0].position
-        block = np.full((len(loaded.records), *self.maps.shape[1:]), np.nan, dtype=np.float16)
-        if loaded.ok:
-            block[loaded.ok] = scored.maps
-        self.maps[first : first + len(loaded.records)] = block  # error slots stay empty (NaN fill)
-        result_of = {offset: i for i, offset in enumerate(loaded.ok)}
-        cols = self._columns or {name: [] for name in self.store.schema.names}
-        self._columns = cols
-        for offset, record in enumerate(loaded.records):
-            i = result_of.get(offset)
-            width, height = loaded.sizes.get(offset, (None, None))
-            cols["path"].append(record.path)
-            cols["index"].append(record.position if i is not None else -1)
-            cols["score"].append(float(scored.scores[i]) if i is not None else None)
-            cols["is_anomalous"].append(bool(scored.anomalous[i]) if i is not None else False)
-            cols["status"].append("ok" if i is not None else "error")
-            cols["error"].append(None if i is not None else loaded.errors[offset])
-            cols["raw_score"].append(float(scored.raw_scores[i]) if i is not None else None)
-            cols["width"].append(width)
-            cols["height"].append(height)
-            cols["position"].append(record.position)
-            cols["shard"].append(loaded.shard.id)
-            for name, out_name in self.extra_names.items():
-                cols[out_name].append(record.extra.get(name))
-        self._counts += ShardCounts(len(loaded.ok), len(loaded.errors), int(scored.anomalous.sum()))
-        if loaded.last_in_shard:
-            table = shard_rows(self.store.schema, cols)
-            self.store.finish_shard(loaded.shard.id, loaded.shard.start, table, self._counts)
-            if self.on_shard_done:
-                self.on_shard_done(loaded.shard, self._counts)
-            self._columns, self._counts = {}, ShardCounts()
-        self.seconds += time.perf_counter() - t0
-
-
-def score_batch(model: Any, images: torch.Tensor, model_batch: int, times: StageTimes) -> tuple[np.ndarray, ...]:
-    """Raw scores, normalised scores, float16 normalised maps and anomaly flags for a batch.
-
-    Features come from fixed-size micro-batches (zero-padded) and scores from one image at a time, so
-    the result for an image does not depend on the batch it came in.
-    """
-    raw, maps = [], []
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], model_batch):
-            t0 = time.perf_counter()
-            chunk = images[start : start + model_batch]
-            real = chunk.shape[0]
-            if real < model_batch:
-                chunk = torch.cat([chunk, chunk.new_zeros((model_batch - real, *chunk.shape[1:]))])
-            feature_maps = model.features(chunk)
-            t1 = time.perf_counter()
-            for i in range(real):
-                out = model.score_features([f[i : i + 1] for f in feature_maps])
-                raw.append(out.scores)
-                maps.append(out.maps)
-            times.features += t1 - t0
-            times.scoring += time.perf_counter() - t1
-        t1 = time.perf_counter()
-        raw_scores = torch.cat(raw)
-        norm_maps = model.normalize(torch.cat(maps)).clamp_(-F16_MAX, F16_MAX).to(torch.float16).cpu().numpy()
-        norm_scores = model.normalize(raw_scores).float().cpu().numpy()
-        raw_np = raw_scores.float().cpu().numpy()
-        times.scoring += time.perf_counter() - t1
-    return raw_np, norm_scores, norm_maps, raw_np.astype(np.float64) >= float(model.threshold)
-
-
-def resolve_model_batch(options: ScanOptions, device: torch.device) -> int:
-    return options.model_batch or MODEL_BATCH.get(device.type, 8)
-
-
-def run_shards(
-    model: Any,
-    shards: Iterable[Shard],
-    store: ScanStore,
-    options: ScanOptions,
-    on_batch: Callable[[int], None] | None = None,
-    on_shard_done: Callable[[Shard, ShardCounts], None] | None = None,
-) -> StageTimes:
-    """Scan `shards` into `store` with decode, model and writes overlapped; returns time per stage."""
-    times = StageTimes()
-    decoder = make_decoder(options.decoder, model.device, options.batch_size, options.decode_threads)
-    size = model.input_size
-    model_batch = resolve_model_batch(options, model.device)
-    stop = threading.Event()
-    loaded_q: queue.Queue = queue.Queue(maxsize=max(1, options.prefetch_batches))
-    scored_q: queue.Queue = queue.Queue(maxsize=max(1, options.write_queue))
-    writer = ShardWriter(store, on_shard_done)
-
-    def load_all() -> None:
-        for shard, records, last in _batches(shards, options.batch_size):
-            if not _put(loaded_q, load_batch(shard, records, decoder, size, options.max_pixels, last), stop):
-                return
-        _put(loaded_q, _DONE, stop)
-
-    def write_all() -> None:
-        while (item := scored_q.get()) is not _DONE:
-            writer.write(item)
-
-    loader, writer_thread = _Worker("vade-loader", load_all), _Worker("vade-writer", write_all)
-    loader.start()
-    writer_thread.start()
-    try:
-        while True:
-            try:
-                item = loaded_q.get(timeout=0.5)
-            except queue.Empty:
-                loader.check()
-                writer_thread.check()
-                continue
-            if item is _DONE:
-                break
-            times.decode += item.seconds
-            if item.ok:
-                raw, scores, maps, anomalous = score_batch(model, item.images, model_batch, times)
-            else:
-                raw = scores = np.zeros(0, np.float32)
-                maps, anomalous = np.zeros((0, size, size), np.float16), np.zeros(0, bool)
-            writer_thread.check()
-            if not _put(scored_q, ScoredBatch(item, raw, scores, maps, anomalous), stop):
-                break
-            times.images += len(item.records)
-            if on_batch:
-                on_batch(len(item.records))
-        scored_q.put(_DONE)
-        writer_thread.join()
-        writer_thread.check()
-        loader.check()
-    finally:
-        stop.set()
-    times.write = writer.seconds
-    return times
+__all__ = ["MODEL_BATCH", "ScanJob", "ScanOptions", "ScanResult", "open_scan", "run_shard", "scan"]
 
 
 def run_shard(model: Any, shard: Shard, out_dir: str | Path, options: ScanOptions) -> ShardCounts:
-    """Scan one shard into an existing scan folder: the idempotent unit of work (and of retry).
+    """Scan one shard into a scan folder made by open_scan: the idempotent unit of work and of retry.
 
     Writes the shard's Zarr chunks, then its Parquet part, then its completion marker; rerunning it
     rewrites the same values. Returns the shard's counts.
@@ -345,6 +65,46 @@ class ScanResult:
         )
 
 
+@dataclass
+class ScanJob:
+    """An opened scan: its model, source, output store and the shards already done."""
+
+    model: Any
+    source: Source
+    store: ScanStore
+    options: ScanOptions
+    done: set[int]
+
+    @property
+    def total(self) -> int:
+        return int(self.store.manifest["count"])
+
+    @property
+    def shards(self) -> int:
+        return int(self.store.manifest["shards"])
+
+    def done_counts(self) -> ShardCounts:
+        counts = ShardCounts()
+        for shard_id in self.store.done_shards():
+            counts += self.store.done_counts(shard_id)
+        return counts
+
+    def pending_shards(self) -> Iterator[Shard]:
+        """Shards without a completion marker, in order, one shard's records in memory at a time."""
+        if self.store.is_complete():
+            return iter(())
+        return (s for s in iter_shards(self.source, self.options.shard_size) if s.id not in self.done)
+
+    def finish(self) -> ShardCounts:
+        """Consolidate scores.parquet once every shard is done; returns the scan's counts."""
+        if not self.store.is_complete():
+            missing = sorted(set(range(self.shards)) - set(self.store.done_shards()))
+            if missing:
+                raise ConfigError(f"cannot consolidate {self.store.out_dir}: shards {missing[:10]} are not done")
+            self.store.consolidate(range(self.shards))
+        return self.done_counts()
+
+
 def _model_fingerprint(model_dir: Path) -> str:
     return hashlib.sha256((Path(model_dir) / "model.json").read_bytes()).hexdigest()
 
@@ -369,6 +129,55 @@ def _maps_attrs(model: Any, size: int) -> dict[str, Any]:
     }
 
 
+def _is_fresh(out_dir: Path) -> bool:
+    return not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir()))
+
+
+def open_scan(
+    model_dir: str | Path,
+    source: str | Path,
+    out_dir: str | Path,
+    options: ScanOptions,
+    *,
+    resume: bool = False,
+    model: Any = None,
+) -> ScanJob:
+    """Load the model, plan SOURCE (one streaming pass) and create OUT_DIR, or reopen it to resume."""
+    from engine.artifact import load_model
+
+    options.validate()
+    out_dir = Path(out_dir)
+    if not resume:
+        check_new_out_dir(out_dir)  # before any slow work
+    src = open_source(source)
+    model = model if model is not None else load_model(model_dir, device=options.device)
+    planned = plan(src)
+    manifest = {
+        "vade_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_dir": str(model_dir),
+        "model_fingerprint": _model_fingerprint(Path(model_dir)),
+        "source": str(source),
+        "source_kind": src.kind,
+        "source_columns": src.extra_schema.names,
+        "count": planned.count,
+        "source_fingerprint": planned.fingerprint,
+        "shard_size": options.shard_size,
+        "shards": shard_count(planned.count, options.shard_size),
+        "map_size": model.input_size,
+        "max_pixels": options.max_pixels,
+        "model_batch": resolve_model_batch(options, model.device),
+        "device_type": model.device.type,
+        "rows_schema": encode_schema(rows_schema(src.extra_schema)),
+        "model_meta": model.meta,
+    }
+    if resume and not _is_fresh(out_dir):
+        store = ScanStore.reopen(out_dir, manifest)
+    else:
+        store = ScanStore.create(out_dir, manifest, _maps_attrs(model, model.input_size))
+    return ScanJob(model, src, store, options, set(store.done_shards()))
+
+
 def scan(
     model_dir: str | Path,
     source: str | Path,
@@ -383,70 +192,29 @@ def scan(
 ) -> ScanResult:
     """Score every input of SOURCE with the model in MODEL_DIR into OUT_DIR (maps.zarr + scores.parquet).
 
-    `option_overrides` are ScanOptions fields (device="cpu", batch_size=32, ...). Without `progress`,
-    a bar goes to stderr unless `quiet`.
+    One process, shards streamed through one overlapped loop. `option_overrides` are ScanOptions
+    fields (device="cpu", batch_size=32, ...). Without `progress`, a bar goes to stderr unless `quiet`.
     """
-    from engine.artifact import load_model
-
     try:
         options = dataclasses.replace(options or ScanOptions(), **option_overrides)
     except TypeError as exc:
-        raise ConfigError(f"unknown scan option: {exc}; known: {[f.name for f in dataclasses.fields(ScanOptions)]}") from exc
-    options.validate()
+        known = [f.name for f in dataclasses.fields(ScanOptions)]
+        raise ConfigError(f"unknown scan option: {exc}; known: {known}") from exc
     say = say or (lambda _msg: None)
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    src = open_source(source)
-    model = load_model(model_dir, device=options.device)
-    planned = plan(src)
-    size = model.input_size
-    schema = rows_schema(src.extra_schema)
-    manifest = {
-        "vade_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model_dir": str(model_dir),
-        "model_fingerprint": _model_fingerprint(Path(model_dir)),
-        "source": str(source),
-        "source_kind": src.kind,
-        "source_columns": src.extra_schema.names,
-        "count": planned.count,
-        "source_fingerprint": planned.fingerprint,
-        "shard_size": options.shard_size,
-        "shards": shard_count(planned.count, options.shard_size),
-        "map_size": size,
-        "max_pixels": options.max_pixels,
-        "model_batch": resolve_model_batch(options, model.device),
-        "device_type": model.device.type,
-        "rows_schema": encode_schema(schema),
-        "model_meta": model.meta,
-    }
-    fresh = not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir()))
-    if resume and not fresh:
-        store = ScanStore.reopen(out_dir, manifest)
-    else:
-        store = ScanStore.create(out_dir, manifest, _maps_attrs(model, size))
-    n_shards = store.manifest["shards"]
-    done = set(store.done_shards())
-    counts = ShardCounts()
-    for shard_id in done:
-        counts += store.done_counts(shard_id)
+    job = open_scan(model_dir, source, out_dir, options, resume=resume)
+    counts = job.done_counts()
+    if job.done:
+        say(f"resuming: {len(job.done)} of {job.shards} shards ({counts.total} images) already done")
     times = StageTimes()
-    decoder_name = make_decoder(options.decoder, model.device, options.batch_size).name
-    if done:
-        say(f"resuming: {len(done)} of {n_shards} shards ({counts.total} images) already done")
-    if not store.is_complete():
-        progress = progress or Progress(planned.count, quiet=quiet)
-        progress.begin(planned.count, counts.total)
-        pending = (s for s in iter_shards(src, options.shard_size) if s.id not in done)
-
-        def shard_done(_shard: Shard, shard_counts: ShardCounts) -> None:
-            nonlocal counts
-            counts += shard_counts
-
-        times = run_shards(model, pending, store, options, on_batch=progress.advance, on_shard_done=shard_done)
+    if not job.store.is_complete():
+        progress = progress or Progress(job.total, quiet=quiet)
+        progress.begin(job.total, counts.total)
+        times = run_shards(job.model, job.pending_shards(), job.store, options, on_batch=progress.advance)
         progress.close()
-        store.consolidate(range(n_shards))
+    counts = job.finish()
+    decoder = make_decoder(options.decoder, job.model.device, options.batch_size).name
     return ScanResult(
-        out_dir, counts, planned.count, n_shards, len(done), time.perf_counter() - t0, times, decoder_name,
-        str(model.device),
+        Path(out_dir), counts, job.total, job.shards, len(job.done), time.perf_counter() - t0, times, decoder,
+        str(job.model.device),
     )

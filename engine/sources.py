@@ -75,7 +75,7 @@ def _walk_sorted(root: Path, ancestors: set[tuple[int, int]] | None = None) -> I
             continue
         if entry.is_dir(follow_symlinks=True):
             yield from _walk_sorted(Path(entry.path), ancestors)
-        elif entry.is_file(follow_symlinks=True):
+        elif entry.is_file(follow_symlinks=True) or entry.is_symlink():  # a dangling link is an input too
             yield Path(entry.path)
     ancestors.discard(key)
 

@@ -65,6 +65,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_new_out_dir(out_dir: Path) -> None:
+    """Refuse an existing non-empty OUT_DIR: a scan is never overwritten."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(
+            f"output folder {out_dir} already exists and is not empty; pass --resume to finish the scan "
+            "written there, or choose a new --out (vade never overwrites a scan)"
+        )
+
+
 @dataclass
 class ShardCounts:
     ok: int = 0
@@ -97,11 +106,7 @@ class ScanStore:
     def create(cls, out_dir: Path, manifest: dict[str, Any], maps_attrs: dict[str, Any]) -> ScanStore:
         """A fresh output folder; refuses an existing non-empty one (never overwrites a scan)."""
         out_dir = Path(out_dir)
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            raise ConfigError(
-                f"output folder {out_dir} already exists and is not empty; pass --resume to finish the scan "
-                "written there, or choose a new --out (vade never overwrites a scan)"
-            )
+        check_new_out_dir(out_dir)
         store = cls(out_dir, {**manifest, "format": SCAN_FORMAT, "state": "running"})
         for folder in (out_dir, store.parts_dir, store.done_dir):
             folder.mkdir(parents=True, exist_ok=True)

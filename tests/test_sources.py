@@ -118,7 +118,8 @@ def test_plan_counts_and_fingerprints_the_listing(tree: Path) -> None:
 def test_large_inputs_stream_in_bounded_memory(tmp_path: Path, kind: str) -> None:
     """100k inputs are counted and sharded holding one shard (and one manifest batch) at a time.
 
-    Holding all 100k records would take about 30 MiB of Python objects.
+    Holding all 100k records takes 35-50 MiB of Python objects; streaming peaks near 5 MiB (other
+    threads of the test session can add a few MiB to the traced peak).
     """
     n = 100_000
     paths = [f"folder_{i // 1000:04d}/image_{i:07d}.jpg" for i in range(n)]
@@ -138,4 +139,4 @@ def test_large_inputs_stream_in_bounded_memory(tmp_path: Path, kind: str) -> Non
     finally:
         tracemalloc.stop()
     assert seen == n
-    assert peak < 8 * 1024**2, f"peak {peak / 1024**2:.1f} MiB: the listing was held in memory"
+    assert peak < 16 * 1024**2, f"peak {peak / 1024**2:.1f} MiB: the listing was held in memory"

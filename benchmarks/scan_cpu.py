@@ -1,0 +1,162 @@
+"""End-to-end CPU scan throughput on ../shared/data, with time per stage, written as JSON.
+
+    PYTHONPATH=. python benchmarks/scan_cpu.py [--model MODEL_DIR] [--category bottle] [--repeat 1]
+
+Fits the default model (PatchCore, efficientnet_lite0, 256 px) on DATA/<category>/train/good unless
+--model is given, then scans every train and test image of the category (a list file, so masks are
+not included) with the default scan settings. Reports:
+  - images/s end to end (model load, planning and consolidation included) and in the scan loop;
+  - seconds per stage: decode (loader thread), features, scoring (main thread), write (writer thread);
+    decode and write overlap the model, so the loop time is close to features + scoring when the
+    pipeline adds little;
+  - decode-only images/s per decoder on the same files, one thread, for scale.
+The machine's load average is recorded: on a shared machine, numbers move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from engine.datasets import list_images  # noqa: E402
+from engine.decode import inspect_bytes, read_bytes, resize_batch  # noqa: E402
+from engine.decoders import make_decoder  # noqa: E402
+from engine.pipeline import ScanOptions, scan  # noqa: E402
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("vade", "torch", "numpy", "pillow", "zarr", "pyarrow", "nvidia-dali-cuda130", "triton"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    from engine import __version__
+
+    out["vade"] = __version__
+    return out
+
+
+def _machine() -> dict[str, object]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": list(os.getloadavg()),
+    }
+
+
+def decode_only(files: list[Path], size: int, decoder_name: str, batch: int) -> float:
+    """Images/s for read + inspect + decode + resize, no model."""
+    decoder = make_decoder(decoder_name, torch.device("cpu"), batch)
+    t0 = time.perf_counter()
+    for start in range(0, len(files), batch):
+        items = []
+        for path in files[start : start + batch]:
+            data = read_bytes(path)
+            items.append((data, inspect_bytes(data, path.suffix)))
+        resize_batch([px for px in decoder.decode(items) if isinstance(px, torch.Tensor)], size)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO / ".." / "shared" / "data" / "mvtec_bottle"))
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--model", help="an existing model folder (default: fit the default model first)")
+    parser.add_argument("--repeat", type=int, default=1, help="list every image this many times")
+    parser.add_argument("--batch-size", type=int, default=ScanOptions.batch_size)
+    parser.add_argument("--decoder", default="auto")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+
+    cat = Path(args.data).resolve() / args.category
+    files = list_images(cat / "train") + list_images(cat / "test")
+    work = Path(tempfile.mkdtemp(prefix="vade_bench_"))
+    fit_seconds = None
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        from engine.api import fit
+        from engine.config import FitConfig
+
+        t0 = time.perf_counter()
+        model = fit(list_images(cat / "train" / "good"), FitConfig(device="cpu"))
+        fit_seconds = time.perf_counter() - t0
+        model_dir = work / "model"
+        model.save(model_dir)
+        del model
+    listing = work / "inputs.txt"
+    listing.write_text("".join(f"{p}\n" for p in files) * args.repeat, encoding="utf-8")
+    load_before = list(os.getloadavg())
+
+    t0 = time.perf_counter()
+    result = scan(
+        model_dir, listing, work / "scan", device="cpu", decoder=args.decoder, batch_size=args.batch_size
+    )
+    wall = time.perf_counter() - t0
+    times = result.times
+    stage = times.as_dict()
+    n = result.total
+    from engine.artifact import load_model
+
+    size = load_model(model_dir).input_size
+    decode_rates = {name: round(decode_only(files[:120], size, name, args.batch_size), 1) for name in ("pillow", "dali")}
+    report = {
+        "benchmark": "scan_cpu",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {**_machine(), "load_average_before_scan": load_before},
+        "versions": _versions(),
+        "data": {"category": args.category, "images": n, "unique_images": len(files), "repeat": args.repeat},
+        "model": {"dir": str(model_dir), "fit_seconds": fit_seconds, "input_size": size},
+        "settings": {"decoder": result.decoder, "batch_size": args.batch_size, "device": result.device},
+        "result": {
+            "images": n,
+            "ok": result.counts.ok,
+            "error": result.counts.error,
+            "wall_seconds": round(wall, 3),
+            "images_per_second_end_to_end": round(n / wall, 2),
+            "seconds_per_stage": stage,
+            "ms_per_image_per_stage": {k: round(v / n * 1e3, 2) for k, v in stage.items() if k != "images"},
+            "model_ms_per_image": round((times.features + times.scoring) / n * 1e3, 2),
+            "scan_loop_images_per_second": round(n / times.loop, 2),
+            # loop time not spent in the model: what decode/write/queues add on the compute path
+            "pipeline_overhead_ms_per_image": round((times.loop - times.features - times.scoring) / n * 1e3, 2),
+            "decode_only_images_per_second": decode_rates,
+        },
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"scan_cpu_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report["result"], indent=2))
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The scan loop: shards -> batches decoded in a background thread -> model -> writer thread.
+
+engine.pipeline is the public face (scan, open_scan, run_shard); this module is the machinery.
+
+Three stages run at once: a loader thread reads, inspects, decodes and resizes batch n+1 while the main
+thread runs the model on batch n and a writer thread stores batch n-1 (Zarr chunks, then the shard's
+Parquet part and completion marker). Queues between them are bounded, so memory is too.
+
+Determinism: the backbone always sees micro-batches of one fixed size per device (MODEL_BATCH, the
+last one padded with zeros), and the scoring step runs one image at a time, so an image's score and map
+depend neither on --batch-size nor on which images share its batch (kernels may pick a different
+reduction order for a different batch shape; a fixed shape keeps every run bitwise identical).
+tests/test_scan.py checks scans with batch sizes 1, 5 and 12 for bitwise-equal scores and maps.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.decode import DEFAULT_MAX_PIXELS, ImageInfo, inspect_bytes, read_bytes, resize_batch
+from engine.decoders import Decoder, make_decoder
+from engine.errors import ConfigError, DecodeError
+from engine.sources import Record, Shard
+from engine.writers import ScanStore, ShardCounts, output_name, shard_rows
+
+_DONE = object()
+MODEL_BATCH = {"cpu": 8, "cuda": 64}  # images per backbone call, fixed per device type (determinism)
+DECODE_PIXEL_BUDGET = 64_000_000  # decoded full-size pixels held at once by the loader (~200 MB as RGB)
+F16_MAX = 65504.0  # maps are stored as float16: larger values are clipped, not turned into inf
+
+
+@dataclass
+class ScanOptions:
+    """How to run a scan (what it computes is fixed by the model and the source)."""
+
+    device: str = "auto"
+    decoder: str = "auto"
+    batch_size: int = 32  # images decoded and written together; best a multiple of the model batch
+    model_batch: int = 0  # images per backbone call; 0 = MODEL_BATCH for the device. Part of the result.
+    shard_size: int = 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    prefetch_batches: int = 2  # decoded batches waiting for the model
+    write_queue: int = 4  # scored batches waiting for the writer
+    decode_threads: int = 1  # DALI worker threads; keep light on small CPUs (torch uses the cores)
+
+    def validate(self) -> None:
+        checks = (("batch_size", 1), ("shard_size", 1), ("max_pixels", 1), ("decode_threads", 1), ("model_batch", 0))
+        for name, low in checks:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class LoadedBatch:
+    """Decoded, resized images of consecutive records of one shard; failures as messages."""
+
+    shard: Shard
+    records: list[Record]
+    images: torch.Tensor  # (n_ok, 3, S, S) float32 in [0, 1]
+    ok: list[int]  # offsets into records of the decoded images, in order
+    sizes: dict[int, tuple[int, int]]  # offset -> (width, height) after EXIF orientation
+    errors: dict[int, str]  # offset -> what is wrong with the file
+    last_in_shard: bool
+    seconds: float
+
+
+@dataclass
+class ScoredBatch:
+    loaded: LoadedBatch
+    raw_scores: np.ndarray  # (n_ok,) float32
+    scores: np.ndarray  # (n_ok,) float32, normalised
+    maps: np.ndarray  # (n_ok, S, S) float16, normalised
+    anomalous: np.ndarray  # (n_ok,) bool
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage (loader and writer run in their own threads, overlapped)."""
+
+    decode: float = 0.0
+    features: float = 0.0
+    scoring: float = 0.0
+    write: float = 0.0
+    loop: float = 0.0  # wall time of the whole loop (stages overlap, so this is less than their sum)
+    images: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+def load_batch(
+    shard: Shard, records: list[Record], decoder: Decoder, size: int, max_pixels: int, last: bool
+) -> LoadedBatch:
+    """Read, inspect, decode and resize one batch; each unreadable file becomes an error message."""
+    t0 = time.perf_counter()
+    errors: dict[int, str] = {}
+    items, offsets = [], []
+    for offset, record in enumerate(records):
+        try:
+            if not record.path:
+                raise DecodeError("no path given for this input")
+            data = read_bytes(record.file)
+            items.append((data, inspect_bytes(data, Path(record.file).suffix, max_pixels)))
+            offsets.append(offset)
+        except DecodeError as exc:
+            errors[offset] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one file never stops a scan
+            errors[offset] = _unexpected(exc)
+    resized: list[torch.Tensor] = []
+    ok: list[int] = []
+    sizes: dict[int, tuple[int, int]] = {}
+    for group in _pixel_groups(items):  # bounded: full-size pixels of one group at a time
+        try:
+            done = _decode_group(decoder, [items[k] for k in group], size)
+        except Exception:  # noqa: BLE001 - retry the files one by one to find the one that fails
+            done = [r for k in group for r in _decode_group_safely(decoder, [items[k]], size)]
+        for k, result in zip(group, done, strict=True):
+            if isinstance(result, str):
+                errors[offsets[k]] = result
+            else:
+                tensor, width, height = result
+                resized.append(tensor)
+                ok.append(offsets[k])
+                sizes[offsets[k]] = (width, height)
+    images = torch.stack(resized) if resized else torch.empty((0, 3, size, size))
+    return LoadedBatch(shard, records, images, ok, sizes, errors, last, time.perf_counter() - t0)
+
+
+def _unexpected(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return "out of memory while decoding this image; lower --max-pixels or add memory"
+    return f"unexpected error while decoding: {type(exc).__name__}: {exc}"
+
+
+def _decode_group(
+    decoder: Decoder, items: list[tuple[bytes, ImageInfo]], size: int
+) -> list[str | tuple[torch.Tensor, int, int]]:
+    """Per item: an error message, or (resized image, width, height)."""
+    out: list[str | tuple[torch.Tensor, int, int]] = []
+    pixels: list[torch.Tensor] = []
+    for result in decoder.decode(items):
+        if isinstance(result, DecodeError):
+            out.append(str(result))
+        else:
+            pixels.append(result)
+            out.append((result, int(result.shape[1]), int(result.shape[0])))
+    images = iter(resize_batch(pixels, size) if pixels else [])
+    return [r if isinstance(r, str) else (next(images), r[1], r[2]) for r in out]
+
+
+def _decode_group_safely(
+    decoder: Decoder, items: list[tuple[bytes, ImageInfo]], size: int
+) -> list[str | tuple[torch.Tensor, int, int]]:
+    try:
+        return _decode_group(decoder, items, size)
+    except Exception as exc:  # noqa: BLE001 - one file never stops a scan
+        return [_unexpected(exc)]
+
+
+def _pixel_groups(items: list[tuple[bytes, ImageInfo]]) -> Iterator[list[int]]:
+    """Consecutive item indices in groups of at most DECODE_PIXEL_BUDGET pixels (a big image alone)."""
+    group: list[int] = []
+    pixels = 0
+    for k, (_, info) in enumerate(items):
+        if group and pixels + info.width * info.height > DECODE_PIXEL_BUDGET:
+            yield group
+            group, pixels = [], 0
+        group.append(k)
+        pixels += info.width * info.height
+    if group:
+        yield group
+
+
+def _batches(shards: Iterable[Shard], batch_size: int) -> Iterator[tuple[Shard, list[Record], bool]]:
+    for shard in shards:
+        for start in range(0, len(shard.records), batch_size):
+            stop = start + batch_size
+            yield shard, shard.records[start:stop], stop >= len(shard.records)
+
+
+class _Worker(threading.Thread):
+    """A daemon thread whose exception is re-raised in the caller by `check()`."""
+
+    def __init__(self, name: str, target: Callable[[], None]):
+        super().__init__(name=name, daemon=True)
+        self._target_fn = target
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._target_fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _put_while_alive(q: queue.Queue, item: Any, consumer: _Worker) -> None:
+    """Put into a bounded queue, re-raising the consumer's error instead of waiting on a dead thread."""
+    while True:
+        consumer.check()
+        try:
+            q.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            continue
+
+
+class ShardWriter:
+    """Writes scored batches: maps into Zarr at once, rows collected and written when a shard ends."""
+
+    def __init__(self, store: ScanStore, on_shard_done: Callable[[Shard, ShardCounts], None] | None = None):
+        self.store = store
+        self.maps = store.maps_array()
+        self.extra_names = {name: output_name(name) for name in store.manifest.get("source_columns", [])}
+        self.on_shard_done = on_shard_done
+        self.seconds = 0.0
+        self._columns: dict[str, list[Any]] = {}
+        self._counts = ShardCounts()
+
+    def write(self, scored: ScoredBatch) -> None:
+        t0 = time.perf_counter()
+        loaded = scored.loaded
+        first = loaded.records[0].position
+        block = np.full((len(loaded.records), *self.maps.shape[1:]), np.nan, dtype=np.float16)
+        if loaded.ok:
+            block[loaded.ok] = scored.maps
+        self.maps[first : first + len(loaded.records)] = block  # error slots stay empty (NaN fill)
+        result_of = {offset: i for i, offset in enumerate(loaded.ok)}
+        cols = self._columns or {name: [] for name in self.store.schema.names}
+        self._columns = cols
+        for offset, record in enumerate(loaded.records):
+            i = result_of.get(offset)
+            width, height = loaded.sizes.get(offset, (None, None))
+            cols["path"].append(record.path)
+            cols["index"].append(record.position if i is not None else -1)
+            cols["score"].append(float(scored.scores[i]) if i is not None else None)
+            cols["is_anomalous"].append(bool(scored.anomalous[i]) if i is not None else False)
+            cols["status"].append("ok" if i is not None else "error")
+            cols["error"].append(None if i is not None else loaded.errors[offset])
+            cols["raw_score"].append(float(scored.raw_scores[i]) if i is not None else None)
+            cols["width"].append(width)
+            cols["height"].append(height)
+            cols["position"].append(record.position)
+            cols["shard"].append(loaded.shard.id)
+            for name, out_name in self.extra_names.items():
+                cols[out_name].append(record.extra.get(name))
+        self._counts += ShardCounts(len(loaded.ok), len(loaded.errors), int(scored.anomalous.sum()))
+        if loaded.last_in_shard:
+            table = shard_rows(self.store.schema, cols)
+            self.store.finish_shard(loaded.shard.id, loaded.shard.start, table, self._counts)
+            if self.on_shard_done:
+                self.on_shard_done(loaded.shard, self._counts)
+            self._columns, self._counts = {}, ShardCounts()
+        self.seconds += time.perf_counter() - t0
+
+
+def score_batch(model: Any, images: torch.Tensor, model_batch: int, times: StageTimes) -> tuple[np.ndarray, ...]:
+    """Raw scores, normalised scores, float16 normalised maps and anomaly flags for a batch.
+
+    Features come from fixed-size micro-batches (zero-padded) and scores from one image at a time, so
+    the result for an image does not depend on the batch it came in.
+    """
+    raw, maps = [], []
+    with torch.inference_mode():
+        for start in range(0, images.shape[0], model_batch):
+            t0 = time.perf_counter()
+            chunk = images[start : start + model_batch]
+            real = chunk.shape[0]
+            if real < model_batch:
+                chunk = torch.cat([chunk, chunk.new_zeros((model_batch - real, *chunk.shape[1:]))])
+            feature_maps = model.features(chunk)
+            t1 = time.perf_counter()
+            for i in range(real):
+                out = model.score_features([f[i : i + 1] for f in feature_maps])
+                raw.append(out.scores)
+                maps.append(out.maps)
+            times.features += t1 - t0
+            times.scoring += time.perf_counter() - t1
+        t1 = time.perf_counter()
+        raw_scores = torch.cat(raw)
+        norm_maps = model.normalize(torch.cat(maps)).clamp_(-F16_MAX, F16_MAX).to(torch.float16).cpu().numpy()
+        norm_scores = model.normalize(raw_scores).float().cpu().numpy()
+        raw_np = raw_scores.float().cpu().numpy()
+        times.scoring += time.perf_counter() - t1
+    return raw_np, norm_scores, norm_maps, raw_np.astype(np.float64) >= float(model.threshold)
+
+
+def resolve_model_batch(options: ScanOptions, device: torch.device) -> int:
+    return options.model_batch or MODEL_BATCH.get(device.type, 8)
+
+
+def run_shards(
+    model: Any,
+    shards: Iterable[Shard],
+    store: ScanStore,
+    options: ScanOptions,
+    on_batch: Callable[[int], None] | None = None,
+    on_shard_done: Callable[[Shard, ShardCounts], None] | None = None,
+) -> StageTimes:
+    """Scan `shards` into `store` with decode, model and writes overlapped; returns time per stage."""
+    times = StageTimes()
+    started = time.perf_counter()
+    decoder = make_decoder(options.decoder, model.device, options.batch_size, options.decode_threads)
+    size = model.input_size
+    model_batch = resolve_model_batch(options, model.device)
+    stop = threading.Event()
+    loaded_q: queue.Queue = queue.Queue(maxsize=max(1, options.prefetch_batches))
+    scored_q: queue.Queue = queue.Queue(maxsize=max(1, options.write_queue))
+    writer = ShardWriter(store, on_shard_done)
+
+    def load_all() -> None:
+        for shard, records, last in _batches(shards, options.batch_size):
+            if not _put(loaded_q, load_batch(shard, records, decoder, size, options.max_pixels, last), stop):
+                return
+        _put(loaded_q, _DONE, stop)
+
+    def write_all() -> None:
+        while (item := scored_q.get()) is not _DONE:
+            writer.write(item)
+
+    loader, writer_thread = _Worker("vade-loader", load_all), _Worker("vade-writer", write_all)
+    loader.start()
+    writer_thread.start()
+    try:
+        while True:
+            try:
+                item = loaded_q.get(timeout=0.5)
+            except queue.Empty:
+                loader.check()
+                writer_thread.check()
+                continue
+            if item is _DONE:
+                break
+            times.decode += item.seconds
+            if item.ok:
+                raw, scores, maps, anomalous = score_batch(model, item.images, model_batch, times)
+            else:
+                raw = scores = np.zeros(0, np.float32)
+                maps, anomalous = np.zeros((0, size, size), np.float16), np.zeros(0, bool)
+            _put_while_alive(scored_q, ScoredBatch(item, raw, scores, maps, anomalous), writer_thread)
+            times.images += len(item.records)
+            if on_batch:
+                on_batch(len(item.records))
+        _put_while_alive(scored_q, _DONE, writer_thread)
+        writer_thread.join()
+        writer_thread.check()
+        loader.check()
+    finally:
+        stop.set()
+    times.write = writer.seconds
+    times.loop = time.perf_counter() - started
+    return times
