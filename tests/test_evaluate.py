@@ -153,3 +153,16 @@ def test_wrong_map_shape_is_refused(mean_model: MeanImageModel, bottle_root: Pat
     broken.__dict__.update(mean_model.__dict__)
     with pytest.raises(ValueError, match="maps of shape"):
         evaluate(broken, _tiny_layout(bottle_root, tmp_path))
+
+
+@pytest.mark.slow
+def test_real_patchcore_on_bottle(scan_model_dir: Path, bottle_root: Path) -> None:
+    """The real model API end to end: a small PatchCore (64 px, 14 training images) on the bottle test split."""
+    from engine.artifact import load_model
+
+    result = evaluate(load_model(scan_model_dir, device="cpu"), bottle_root, "bottle")
+    assert result["n_images"] == 83 and set(result["per_defect"]) == {"broken_large", "broken_small", "contamination"}
+    # Even this small model separates bottle defects well; a broken label/score or mask/map pairing would not.
+    assert result["image_auroc"] > 0.9
+    assert result["pixel_auroc"] > 0.85
+    assert result["aupro"] > 0.5
