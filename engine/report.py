@@ -23,7 +23,7 @@ from engine.decode import read_rgb
 from engine.errors import DecodeError
 from engine.report_data import Row, ScanData, load_scan
 from engine.report_meta import normal_reference
-from engine.report_drift import DriftResult, drift
+from engine.report_drift import DriftResult, GroupDrift, drift
 
 MAX_CURVES = 8  # defect types drawn (by count); the table lists all
 MAX_DRIFT_ROWS = 40
@@ -52,16 +52,18 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _find_number(tree: Any, words: tuple[str, ...]) -> float | None:
-    """First numeric value in nested dicts whose key contains one of `words` (scan.json layouts vary)."""
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            if any(w in str(key) for w in words) and isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-        for value in tree.values():
-            found = _find_number(value, words)
-            if found is not None:
-                return found
+_SPEED_KEYS = ("images_per_second", "throughput_images_per_second")
+_SECONDS_KEYS = ("seconds", "elapsed_s", "wall_s", "scan_seconds", "duration_s")
+
+
+def _scan_number(scan_meta: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    """A timing figure the scan recorded, at the top of scan.json or under "timing"/"stats" (not the model's)."""
+    for tree in (scan_meta, scan_meta.get("timing"), scan_meta.get("stats")):
+        if isinstance(tree, dict):
+            for key in keys:
+                value = tree.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    return float(value)
     return None
 
 
@@ -82,8 +84,8 @@ def _summary(data: ScanData) -> str:
     meta = data.model_meta or {}
     config = meta.get("config", {}) if isinstance(meta.get("config"), dict) else {}
     calibration = meta.get("calibration", {}) if isinstance(meta.get("calibration"), dict) else {}
-    per_second = _find_number(data.scan_meta, ("images_per_second", "per_second", "throughput"))
-    seconds = _find_number(data.scan_meta, ("elapsed_s", "wall_s", "seconds", "duration"))
+    per_second = _scan_number(data.scan_meta, _SPEED_KEYS)
+    seconds = _scan_number(data.scan_meta, _SECONDS_KEYS)
     if per_second is None and seconds:
         per_second = data.n_rows / seconds
     speed_label = "images / s (scan)"
@@ -237,15 +239,28 @@ def _images_section(data: ScanData, contrast: int) -> str:
     note = "" if maps is not None else "<p class='bad'>maps.zarr could not be opened: images shown without overlays.</p>"
     typical = _typical(data, contrast, {r.index for r in data.top})
     scale = (
-        f"<p class='note'>Left: the image; right: its anomaly map over it. Colour scale "
-        f"<span class='scale' style='background:{report_plots.colour_scale_css()}'></span> from 0 (typical normal) "
-        "to 1 and above; the threshold 0.5 is orange; below 0.25 the map is transparent.</p>"
+        f"<p class='note'>Left: the image; right: its anomaly map over it, on one scale for all images "
+        f"<span class='scale' style='background:{report_plots.colour_scale_css()}'></span>: dark = typical normal (0), "
+        "orange = the threshold (0.5), yellow = far above it; transparent below 0.25. The cyan line encloses "
+        "the pixels at or above the threshold.</p>"
     )
     return (
         f'<h2 id="anomalous">Most anomalous images</h2>{note}{scale}{_tiles(data.top, data, maps)}'
         f'<h2 id="typical">Typical images, for contrast</h2><p class="note">Scored nearest the median of this scan.</p>'
         f"{_tiles(typical, data, maps)}"
     )
+
+
+def _p_value(p: float | None) -> str:
+    if p is None:
+        return ""
+    return "&lt;1e-12" if p < 1e-12 else f"{p:.2g}"
+
+
+def _drift_flag(group: GroupDrift) -> str:
+    if not group.flagged:
+        return ""
+    return "DRIFT &uarr; (higher scores)" if group.median_shift >= 0 else "DRIFT &darr; (lower scores)"
 
 
 def _drift_section(data: ScanData, result: DriftResult) -> str:
@@ -258,19 +273,23 @@ def _drift_section(data: ScanData, result: DriftResult) -> str:
     rows = "".join(
         f"<tr class='{'flag' if g.flagged else ''}'><td>{_e(g.name)}</td><td class='num'>{g.n:,}</td>"
         f"<td class='num'>{_fmt(g.quantiles[0.05])}</td><td class='num'>{_fmt(g.quantiles[0.5])}</td>"
-        f"<td class='num'>{_fmt(g.quantiles[0.95])}</td><td class='num'>{_fmt(g.share_above_threshold)}</td>"
-        f"<td class='num'>{_fmt(g.statistic)}</td><td class='num'>{'' if g.p_value is None else f'{g.p_value:.2g}'}</td>"
-        f"<td>{'DRIFT' if g.flagged else ''}</td></tr>"
+        f"<td class='num'>{_fmt(g.quantiles[0.95])}</td><td class='num'>{g.median_shift:+.3f}</td>"
+        f"<td class='num'>{_fmt(g.share_above_threshold)}</td>"
+        f"<td class='num'>{_fmt(g.statistic)}</td><td class='num'>{_p_value(g.p_value)}</td>"
+        f"<td>{_drift_flag(g)}</td></tr>"
         for g in shown
     )
     more = f"<p class='sub'>{len(result.groups) - len(shown)} more groups not listed (all drawn above).</p>" if len(shown) < len(result.groups) else ""
     return (
         f'<h2 id="drift">Drift by {_e(data.group_kind)}</h2>'
         f"<p class='note'><b>{len(result.flagged)} of {len(result.groups)} groups flagged.</b> Statistic: {_e(result.statistic_name)}; "
-        f"compared with {_e(result.reference)}; flagged when {_e(result.rule)}. A flagged group has drifted "
-        "(new lighting, camera, product variant) or holds many anomalous images.</p>"
+        f"compared with {_e(result.reference)}; flagged when {_e(result.rule)}. Median shift is the group's median "
+        "minus the reference median. A group flagged &uarr; has drifted towards the threshold (new lighting, "
+        "camera, product variant: expect false alarms) or holds many anomalous images; &darr; means its images "
+        "score lower than the fit-time normals (e.g. the training images themselves, or a change that hides detail).</p>"
         f'<img class="plot" alt="score quantiles per group" src="{plot}">'
-        "<table><tr><th>group</th><th>images</th><th>5%</th><th>median</th><th>95%</th><th>share &ge; 0.5</th>"
+        "<table><tr><th>group</th><th>images</th><th>5%</th><th>median</th><th>95%</th><th>median shift</th>"
+        "<th>share &ge; 0.5</th>"
         f"<th>statistic</th><th>p</th><th></th></tr>{rows}</table>{more}"
     )
 

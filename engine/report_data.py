@@ -213,7 +213,10 @@ def _choose_grouping(requested: str, schema: pa.Schema, first: dict[str, Any]) -
     return requested, None
 
 
-_PATH_TOKEN = re.compile(r"""'[^']*[/\\][^']*'|"[^"]*[/\\][^"]*"|\S*[/\\]\S*""")
+# Quoted text with a "/" in it, bare tokens with a "/", Windows paths. A lone backslash is usually an
+# escape in a repr (b'hello\n'), not a path.
+_PATH_TOKEN = re.compile(r"""'[^'\n]*/[^'\n]*'|"[^"\n]*/[^"\n]*"|\S*/\S*|\b[A-Za-z]:\\\S*""")
+_BYTES_REPR = re.compile(r"\bb'(?:[^'\\]|\\.)*'|\bb\"(?:[^\"\\]|\\.)*\"")  # a file's first bytes
 
 
 def _error_message(text: str | None) -> str:
@@ -221,7 +224,8 @@ def _error_message(text: str | None) -> str:
     lines = (text or "").strip().splitlines()
     if not lines:
         return "unknown error"
-    return _PATH_TOKEN.sub("<path>", re.sub(r"\s+", " ", lines[0]))[:300]
+    message = _BYTES_REPR.sub("<bytes>", re.sub(r"\s+", " ", lines[0]))
+    return _PATH_TOKEN.sub("<path>", message)[:300]
 
 
 class _Accumulator:

@@ -31,6 +31,7 @@ class GroupDrift:
     n: int
     quantiles: dict[float, float]
     share_above_threshold: float
+    median_shift: float  # group median - reference median (normalised units; + = towards the threshold)
     statistic: float | None
     p_value: float | None
     flagged: bool
@@ -94,6 +95,7 @@ def drift(
         rule = f"two-sample KS p < {alpha:g} / {len(tested)} groups (Bonferroni)"
         ref_quantiles = None
     total = group_hists.sum(axis=0)
+    ref_median = ref_quantiles[0.5] if ref_quantiles and 0.5 in ref_quantiles else hist_quantiles(edges, total, (0.5,))[0.5]
     threshold_bin = int(np.searchsorted(edges, 0.5, side="right") - 1)
 
     groups = []
@@ -122,5 +124,6 @@ def drift(
                     statistic = float(np.abs(cdf - np.cumsum(rest) / m).max())
                     p_value = _ks_p_value(statistic, n, m)
                     flagged = p_value < level
-        groups.append(GroupDrift(name, n, quantiles, share, statistic, p_value, flagged))
+        shift = quantiles[0.5] - ref_median
+        groups.append(GroupDrift(name, n, quantiles, share, shift, statistic, p_value, flagged))
     return DriftResult(statistic_name, reference, rule, ref_quantiles, groups)

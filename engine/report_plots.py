@@ -1,8 +1,10 @@
 """Pictures for the report, each returned as a `data:` URI so the page needs no other file.
 
 Plots use matplotlib's Agg backend (no display); image tiles are composed with Pillow. The anomaly-map
-colour scale is fixed on the normalised scale: 0 (typical normal) dark, 0.5 (threshold) orange,
->= 1 yellow; below 0.25 the overlay is transparent so the image shows through.
+colour scale is the same for every tile, on the normalised scale v (0.5 = threshold): colour position
+v / (v + 0.5), so 0 (typical normal) is dark, the threshold sits mid-scale (orange) and maps far above
+it (real defects reach 5-10) still differ; below 0.25 the overlay is transparent, it is at most half
+opaque so the defect shows through, and a cyan line traces the threshold contour.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ matplotlib.use("Agg")  # before pyplot: never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 from engine.report_drift import DriftResult  # noqa: E402
 
@@ -126,8 +129,14 @@ def drift_plot(result: DriftResult, group_label: str) -> str:
 _CMAP = matplotlib.colormaps[COLORMAP]
 
 
+def colour_position(values: np.ndarray) -> np.ndarray:
+    """Normalised map values -> [0, 1) colour positions; 0.5 (the threshold) -> 0.5."""
+    v = np.clip(values, 0.0, None)
+    return v / (v + 0.5)
+
+
 def colour_scale_css() -> str:
-    """A CSS linear-gradient of the map colour scale over [0, 1]."""
+    """A CSS linear-gradient of the map colour scale over colour positions [0, 1]."""
     stops = []
     for v in np.linspace(0, 1, 9):
         r, g, b, _ = _CMAP(v)
@@ -153,10 +162,12 @@ def tile(rgb: np.ndarray | None, amap: np.ndarray | None, box: int = 164) -> str
     if amap is not None:
         values = np.nan_to_num(np.asarray(amap, dtype=np.float32), nan=0.0)
         values = np.asarray(Image.fromarray(values).resize(picture.size, Image.Resampling.BILINEAR))
-        colours = (_CMAP(np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.float32)
-        alpha = np.clip((values - 0.25) * 2.0, 0.0, 0.7)[..., None]
-        base = np.asarray(picture, dtype=np.float32)
-        overlay = Image.fromarray((base * (1 - alpha) + colours * alpha).astype(np.uint8))
+        colours = (_CMAP(colour_position(values))[..., :3] * 255).astype(np.float32)
+        alpha = np.clip((values - 0.25) * 1.6, 0.0, 0.5)[..., None]
+        blended = np.asarray(picture, dtype=np.float32) * (1 - alpha) + colours * alpha
+        above = values >= THRESHOLD
+        blended[above & ~ndimage.binary_erosion(above, border_value=1)] = (80, 220, 255)  # threshold contour
+        overlay = Image.fromarray(blended.astype(np.uint8))
     canvas = Image.new("RGB", (picture.width * 2 + 4, picture.height), (255, 255, 255))
     canvas.paste(picture, (0, 0))
     canvas.paste(overlay, (picture.width + 4, 0))

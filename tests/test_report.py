@@ -128,6 +128,16 @@ def test_errors_are_grouped_by_message(scan_dir: Path) -> None:
     assert all("<path>" in m for m in messages)  # the paths are not part of the message
 
 
+def test_error_messages_lose_paths_and_file_bytes() -> None:
+    from engine.report_data import _error_message
+
+    assert _error_message("cannot identify image file '/data/a b/x.png'\ntraceback") == "cannot identify image file <path>"
+    assert _error_message("file not found /data/x.png") == _error_message("file not found /other/y.png")
+    assert _error_message("not an image (file starts with b'hello\\n')") == "not an image (file starts with <bytes>)"
+    assert _error_message("image is 3x4 = 12 pixels") == "image is 3x4 = 12 pixels"
+    assert _error_message(None) == "unknown error"
+
+
 def test_top_rows_are_the_highest_scores(scan_dir: Path) -> None:
     data = load_scan(scan_dir, top=5, sample_rows=10)
     table = pq.read_table(scan_dir / "scores.parquet").filter(pa.compute.equal(pa.compute.field("status"), "ok"))
@@ -176,14 +186,17 @@ def test_drift_flags_the_shifted_shard_only(tmp_path: Path) -> None:
     scores = rng.normal(0.0, 0.2, 2000)
     shards = np.repeat(np.arange(10), 200)
     scores[shards == 7] += 0.3  # new lighting in shard 7
+    scores[shards == 3] -= 0.3  # a darker camera in shard 3
     _synthetic_scan(tmp_path, scores, shard=shards.tolist())
     (tmp_path / "model.json").write_text(json.dumps({"method": "padim", "normal_scores": reference.tolist()}))
     page = build_report(tmp_path).read_text(encoding="utf-8")
     data = load_scan(tmp_path)
     assert data.group_kind == "shard" and len(data.group_names) == 10
     result = report_drift.drift(data.hist_edges, data.group_hists, data.group_names, np.sort(reference), None)
-    assert [g.name for g in result.flagged] == ["7"]
-    assert "1 of 10 groups flagged" in page and "KS distance" in page
+    assert [g.name for g in result.flagged] == ["3", "7"]
+    assert [round(g.median_shift, 1) for g in result.flagged] == [-0.3, 0.3]
+    assert "2 of 10 groups flagged" in page and "KS distance" in page
+    assert page.count("DRIFT &uarr;") == 1 and page.count("DRIFT &darr;") == 1
     assert "No labels" in page and "maps.zarr could not be opened" in page  # tiles are drawn all the same
 
 
