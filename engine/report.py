@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve, roc_curve
 
-from engine import __version__, metrics, report_plots
-from engine.decode import read_rgb
-from engine.errors import DecodeError
+from engine import __version__, report_plots
 from engine.report_data import Row, ScanData, load_scan
 from engine.report_meta import normal_reference
 from engine.report_drift import DriftResult, GroupDrift, drift
 
 MAX_CURVES = 8  # defect types drawn (by count); the table lists all
 MAX_DRIFT_ROWS = 40
+TILE_BOX = 164  # pixels per picture in a tile
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
@@ -140,6 +138,10 @@ def _scores_section(data: ScanData, reference: np.ndarray | None, ref_quantiles:
 
 
 def _label_section(data: ScanData) -> str:
+    from sklearn.metrics import precision_recall_curve, roc_curve  # only where labels exist: a slow import
+
+    from engine import metrics
+
     rows = data.labelled
     if not rows:
         return (
@@ -203,17 +205,12 @@ def _tiles(rows: list[Row], data: ScanData, maps: Any) -> str:
         amap = None
         if maps is not None and 0 <= row.index < maps.shape[0]:
             amap = np.asarray(maps[row.index], dtype=np.float32)  # one chunk: one image's map
-        rgb = None
         image_path = _resolve_image(row.path, data)
-        if image_path is not None:
-            try:
-                rgb = read_rgb(image_path)
-            except DecodeError:
-                rgb = None
+        rgb = report_plots.load_thumbnail(image_path, TILE_BOX) if image_path is not None else None
         label = f" &middot; {_e(row.label)}" if row.label else ""
         raw = f" (raw {row.raw_score:.4g})" if row.raw_score is not None else ""
         out.append(
-            f'<div class="tile"><img alt="image and anomaly map {rank}" src="{report_plots.tile(rgb, amap)}">'
+            f'<div class="tile"><img alt="image and anomaly map {rank}" src="{report_plots.tile(rgb, amap, TILE_BOX)}">'
             f"<b>#{rank} score {row.score:.3f}</b>{raw}{label}<div class='path' title='{_e(row.path)}'>{_e(row.path)}</div></div>"
         )
     return f'<div class="grid">{"".join(out)}</div>'

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
@@ -20,7 +21,7 @@ matplotlib.use("Agg")  # before pyplot: never open a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image, ImageDraw, ImageOps  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from engine.report_drift import DriftResult  # noqa: E402
@@ -37,7 +38,7 @@ def data_uri(payload: bytes, mime: str) -> str:
 
 def _figure_uri(fig: plt.Figure) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})  # one draw: no bbox_inches="tight"
     plt.close(fig)
     return data_uri(buf.getvalue(), "image/png")
 
@@ -53,7 +54,7 @@ def histogram(edges: np.ndarray, hist: np.ndarray, reference: np.ndarray | None,
     centres = (edges[:-1] + edges[1:]) / 2
     bins = np.linspace(lo, hi, display + 1)
     counts, _ = np.histogram(np.clip(centres, lo, hi), bins=bins, weights=hist)
-    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    fig, ax = plt.subplots(figsize=(7.5, 3.2), layout="constrained")
     mids, width = (bins[:-1] + bins[1:]) / 2, bins[1] - bins[0]
     above = mids >= THRESHOLD
     ax.bar(mids[~above], counts[~above], width=width, color="#4c72b0", label="scan, below threshold")
@@ -84,7 +85,7 @@ def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def roc_pr(curves: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> str:
     """ROC (left) and precision-recall (right); curves: (legend, fpr, tpr, recall, precision), first = all."""
-    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(9.5, 4.0))
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(9.5, 4.0), layout="constrained")
     for k, (legend, fpr, tpr, recall, precision) in enumerate(curves):
         style = {"color": "black", "linewidth": 2.0} if k == 0 else {"linewidth": 1.2}
         ax_roc.plot(*_thin(fpr, tpr), label=legend, **style)
@@ -96,14 +97,13 @@ def roc_pr(curves: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.nd
     ax_pr.legend(fontsize=7.5, loc="lower left", frameon=False)
     for ax in (ax_roc, ax_pr):
         ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
     return _figure_uri(fig)
 
 
 def drift_plot(result: DriftResult, group_label: str) -> str:
     """Per group: 5-95% whisker, 25-75% box, median dot; flagged groups red; fit-time band in green."""
     groups = result.groups
-    fig, ax = plt.subplots(figsize=(9.5, 3.4))
+    fig, ax = plt.subplots(figsize=(9.5, 3.4), layout="constrained")
     x = np.arange(len(groups))
     q = {level: np.array([g.quantiles[level] for g in groups]) for level in (0.05, 0.25, 0.5, 0.75, 0.95)}
     colors = np.array(["#c44e52" if g.flagged else "#4c72b0" for g in groups])
@@ -142,6 +142,27 @@ def colour_scale_css() -> str:
         r, g, b, _ = _CMAP(v)
         stops.append(f"rgb({int(r * 255)},{int(g * 255)},{int(b * 255)}) {int(v * 100)}%")
     return "linear-gradient(to right, " + ", ".join(stops) + ")"
+
+
+def load_thumbnail(path: str | Path, box: int) -> np.ndarray | None:
+    """RGB uint8 of an image, at most about 2*box on a side; None where it cannot be read.
+
+    Draft mode lets JPEG decode at 1/2..1/8 scale, so a 100-megapixel survey image costs little; EXIF
+    orientation is applied as the scan applies it. High-bit-depth and float images are scaled to 8 bits.
+    """
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (box * 2, box * 2))
+            img = ImageOps.exif_transpose(img)
+            img.thumbnail((box * 2, box * 2))
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                values = np.asarray(img, dtype=np.float64)
+                lo, hi = float(values.min()), float(values.max())
+                grey = np.zeros_like(values) if hi <= lo else (values - lo) / (hi - lo) * 255.0
+                return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _fit(size: tuple[int, int], box: int) -> tuple[int, int]:
