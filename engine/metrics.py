@@ -1,8 +1,9 @@
 """Anomaly-detection metrics: image AUROC, F1-max, pixel AUROC and AUPRO.
 
 Image metrics use scikit-learn on the per-image scores. Pixel metrics stream over the maps one image at
-a time against a bounded set of thresholds, so hundreds of 256x256 maps need a few MB beyond the maps
-themselves (scikit-learn's roc_auc_score on 600 x 256 x 256 pixels takes about 20 s and 1.6 GB).
+a time against a bounded set of thresholds: beyond the maps themselves they hold one image's bins, the
+per-threshold counts and a bounded sample of scores to place the thresholds (at most 2 x 2M floats),
+never a sort or a copy of all pixels as roc_auc_score on the flattened maps would.
 
 Threshold grid: where the maps hold at most `max_thresholds` distinct values every one of them is a
 threshold and the curves are exact. Otherwise the thresholds are quantiles of the normal-pixel scores
