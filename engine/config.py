@@ -24,8 +24,9 @@ DEFAULT_LAYERS: dict[tuple[str, str], list[str]] = {
     ("patchcore", "wide_resnet50_2"): ["layer2", "layer3"],
     ("padim", "wide_resnet50_2"): ["layer1", "layer2", "layer3"],
 }
-# PaDiM's random channel subset size per backbone (the paper: 100 for ResNet18, 550 for WRN50).
-DEFAULT_PADIM_FEATURES = {"efficientnet_lite0": 100, "wide_resnet50_2": 550}
+# PaDiM channel subset per backbone: the paper takes 100 of ResNet18's 448 and 550 of WRN50's 1792;
+# Lite0 keeps all 176 of blocks.1+2+4 (bottle image AUROC 0.999 vs 0.996 with 100 of them).
+DEFAULT_PADIM_FEATURES = {"efficientnet_lite0": 176, "wide_resnet50_2": 550}
 
 
 @dataclass

@@ -20,7 +20,7 @@ def test_presets_load_and_validate(preset: Path, tmp_path: Path) -> None:
 def test_defaults_resolve_layers_per_method() -> None:
     assert load_config().layers == ["blocks.2", "blocks.4"]
     assert load_config(overrides={"method": "padim"}).layers == ["blocks.1", "blocks.2", "blocks.4"]
-    assert load_config(overrides={"method": "padim"}).padim_features == 100
+    assert load_config(overrides={"method": "padim"}).padim_features == 176
 
 
 def test_cli_overrides_beat_the_file(tmp_path: Path) -> None:

@@ -42,6 +42,6 @@ def test_padim_on_bottle_reaches_the_peer(bottle_root: Path) -> None:
     """anomalib's PaDiM with the same weights (blocks 1+2+4): image 0.998, pixel 0.980, AUPRO 0.922."""
     model = fit(train_images(bottle_root, "bottle"), load_config(overrides={"method": "padim", "device": "cpu"}))
     result = evaluate(model, bottle_root, "bottle")
-    assert result["image_auroc"] >= 0.995
+    assert result["image_auroc"] >= 0.998
     assert result["pixel_auroc"] >= 0.980
-    assert result["aupro"] >= 0.90
+    assert result["aupro"] >= 0.922

@@ -56,24 +56,17 @@ class PatchCore(AnomalyModel):
             seconds_coreset=round(t2 - t1, 3),
         )
 
-    def _select_coreset(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    def _select_coreset(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Greedy k-center on a seeded Gaussian random projection of the embeddings."""
-        n_total, dim = embeddings.shape
+        n_total = embeddings.shape[0]
         n_keep = max(1, min(n_total, round(self.cfg.coreset_ratio * n_total)))
         if n_keep == n_total:
             return torch.arange(n_total), 0.0
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        proj_dim = self.cfg.projection_dim
-        if 0 < proj_dim < dim:
-            matrix = torch.randn(dim, proj_dim, generator=gen) / proj_dim**0.5
-            projected = torch.cat([embeddings[i : i + 65536].float() @ matrix for i in range(0, n_total, 65536)])
-        else:
-            projected = embeddings.float()
-        start = int(torch.randint(n_total, (1,), generator=gen))
+        projected, start = project_for_coreset(embeddings, self.cfg.projection_dim, self.cfg.seed)
         if self.device.type == "cuda":
             projected = projected.to(self.device)
-        picks = coreset.greedy_kcenter(projected, n_keep, start=start)
-        return picks.cpu(), None
+        picks, radius = coreset.greedy_kcenter_with_radius(projected, n_keep, start=start)
+        return picks.cpu(), radius
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.bank = bank.contiguous().to(self.device)
@@ -119,3 +112,16 @@ class PatchCore(AnomalyModel):
     def _feature_dim(self) -> int:
         return int(sum(self.extractor.channels))
 
+
+
+def project_for_coreset(embeddings: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, int]:
+    """Seeded Gaussian random projection to `dim` columns (Johnson-Lindenstrauss: distances kept to a
+    few percent) and the seeded first pick; dim <= 0 or >= the feature dim keeps the rows as they are."""
+    n_total, feat_dim = embeddings.shape
+    gen = torch.Generator().manual_seed(seed)
+    if 0 < dim < feat_dim:
+        matrix = torch.randn(feat_dim, dim, generator=gen) / dim**0.5
+        projected = torch.cat([embeddings[i : i + 65536].float() @ matrix for i in range(0, n_total, 65536)])
+    else:
+        projected = embeddings.float()
+    return projected, int(torch.randint(n_total, (1,), generator=gen))
