@@ -31,13 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "source",
         metavar="SOURCE",
-        help="a folder (recursive), a glob (quote it), a text file of paths, or a Parquet manifest with a 'path' column",
+        help="a folder (recursive; an MVTec root without its ground_truth masks), a glob (quote it), "
+        "a text file of paths, or a Parquet manifest with a 'path' column",
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (must be new, unless --resume)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted scan in OUT_DIR")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     p.add_argument("--decoder", default="auto", choices=DECODERS, help="image decoder (default auto: DALI when installed)")
-    p.add_argument("--batch-size", type=int, default=ScanOptions.batch_size, help="images per model call")
+    p.add_argument("--batch-size", type=int, default=ScanOptions.batch_size, help="images decoded and written together (the backbone runs fixed micro-batches: 8 on CPU, 64 on CUDA)")
     p.add_argument("--shard-size", type=int, default=ScanOptions.shard_size, help="images per shard (unit of resume)")
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images as decompression bombs"

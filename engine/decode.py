@@ -29,7 +29,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.errors import DecodeError
 
-DEFAULT_MAX_PIXELS = 20_000 * 20_000
+# Pillow's own decompression-bomb limit (2 x 89,478,485 pixels, about 13,400 x 13,400): larger images are
+# refused unless the caller raises the limit (vade scan --max-pixels).
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
 DECODER_TOLERANCE = 2.0 / 255.0  # max |difference| between decoders after preprocessing, values in [0, 1]
 REDUCE_ABOVE_PIXELS = 4096 * 4096
 

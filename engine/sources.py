@@ -1,6 +1,7 @@
 """Scan inputs: enumerate a source lazily in a stable order, give each input a position, cut shards.
 
-A SOURCE is a folder (recursive, image extensions in any letter case, hidden entries skipped), a glob
+A SOURCE is a folder (recursive, image extensions in any letter case, hidden entries skipped, and in an
+MVTec layout the ground_truth/ masks beside test/ skipped), a glob
 (`**` allowed), a text file of paths (one a line, `#` comments), or a Parquet manifest with a `path`
 column whose other columns travel with each record. Relative paths in a list or manifest are opened
 relative to the file that lists them; `path` keeps the text as given. Nothing holds the whole listing:
@@ -29,6 +30,7 @@ from engine.errors import DataError
 
 MANIFEST_BATCH_ROWS = 16_384  # rows decoded to Python at a time (a few MiB)
 _MAGIC = re.compile(r"[*?\[]")
+MVTEC_MASKS = "ground_truth"  # beside a test/ folder (MVTec layout): defect masks, not inputs
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ def _walk_sorted(root: Path, ancestors: set[tuple[int, int]] | None = None) -> I
     except OSError as exc:
         raise DataError(f"cannot list folder {root}: {exc.strerror}") from exc
     ancestors.add(key)
+    mvtec = any(e.name == "test" and e.is_dir() for e in entries)
     for entry in entries:
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or (mvtec and entry.name == MVTEC_MASKS):
             continue
         if entry.is_dir(follow_symlinks=True):
             yield from _walk_sorted(Path(entry.path), ancestors)

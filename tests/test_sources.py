@@ -50,6 +50,18 @@ def test_folder_is_recursive_sorted_any_case_and_skips_hidden(tree: Path) -> Non
     assert isinstance(open_source(tree), FolderSource)
 
 
+def test_mvtec_masks_beside_test_are_not_inputs(tmp_path: Path) -> None:
+    _touch(tmp_path, "bottle/test/good/000.png", "bottle/ground_truth/broken/000_mask.png", "bottle/train/good/1.png")
+    _touch(tmp_path, "other/ground_truth/kept.png")  # no test/ beside it: an ordinary folder
+    got = [os.path.relpath(p, tmp_path) for p in _paths(open_source(tmp_path))]
+    assert got == ["bottle/test/good/000.png", "bottle/train/good/1.png", "other/ground_truth/kept.png"]
+
+
+def test_dangling_link_is_an_input(tree: Path) -> None:
+    os.symlink(tree / "gone.png", tree / "link.png")
+    assert str(tree / "link.png") in _paths(open_source(tree))  # scanned, it becomes a "file not found" row
+
+
 def test_folder_symlink_loop_is_walked_once(tree: Path) -> None:
     os.symlink(tree / "sub", tree / "sub" / "loop")
     assert len(_paths(open_source(tree))) == 7
