@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import __version__
+from engine import __version__, cli_report, cli_scan
 from engine.errors import VadeError
 
 
@@ -109,13 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vade {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_fit(sub)
-    for name in ("engine.cli_scan", "engine.cli_report"):
-        try:
-            module = __import__(name, fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    cli_scan.register(sub)
     add_eval(sub)
+    cli_report.register(sub)
     add_demo(sub)
     return parser
 

@@ -11,6 +11,9 @@ from engine.api import fit
 from engine.config import load_config
 from engine.datasets import train_images
 from engine.demo_data import make_demo_dataset
+from engine.evaluate import evaluate, format_table
+from engine.pipeline import scan
+from engine.report import build_report
 
 
 def run_demo(out: Path, device: str = "auto", say: Callable[[str], None] = print) -> int:
@@ -25,27 +28,23 @@ def run_demo(out: Path, device: str = "auto", say: Callable[[str], None] = print
     model.save(model_dir)
     say(f"model written to {model_dir}")
 
-    from engine.evaluate import evaluate, format_table
-
     metrics = evaluate(model, data, "weave")
     print(format_table(metrics))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    written = [f"model:   {model_dir}/", f"metrics: {out / 'metrics.json'}"]
     scan_dir = out / "scan"
-    try:
-        from engine.pipeline import scan
-    except ImportError:
-        scan = None
-    if scan is not None:
-        if scan_dir.exists():
-            shutil.rmtree(scan_dir)
-        scan(model_dir, str(data / "weave" / "test"), scan_dir, device=device, quiet=True)
-        written += [f"maps:    {scan_dir / 'maps.zarr'}", f"scores:  {scan_dir / 'scores.parquet'}"]
-        try:
-            from engine.report import write_report
-        except ImportError:
-            write_report = None
-        if write_report is not None:
-            written.append(f"report:  {write_report(scan_dir)}")
-    print("demo outputs:\n  " + "\n  ".join(written))
+    if scan_dir.exists():
+        shutil.rmtree(scan_dir)
+    result = scan(model_dir, str(data / "weave" / "test"), scan_dir, device=device, quiet=True)
+    c = result.counts
+    say(f"scanned {result.total} test images: {c.ok} ok, {c.error} errors, {c.anomalous} anomalous")
+    report = build_report(scan_dir)
+    print(
+        "demo outputs:\n"
+        f"  data:    {data / 'weave'}\n"
+        f"  model:   {model_dir}/ (model.safetensors + model.json)\n"
+        f"  metrics: {out / 'metrics.json'}\n"
+        f"  maps:    {scan_dir / 'maps.zarr'}\n"
+        f"  scores:  {scan_dir / 'scores.parquet'}\n"
+        f"  report:  {report}"
+    )
     return 0
