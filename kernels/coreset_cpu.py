@@ -18,22 +18,29 @@ equal maxima may be broken in a different row order).
 
 Per pick: distances to the leaf centres (n_leaves x D), a gather of the rows that still need
 work, a scatter of their new minima, and the arg-max as an arg-max over per-leaf maxima followed
-by one inside the winning leaf. Measured in benchmarks/results/coreset_cpu.json.
+by one inside the winning leaf. Measured in benchmarks/results/kernels_coreset_cpu.json.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from kernels._threads import torch_threads
+
 # Rows per leaf. Small leaves have tight radii (few rows revisited per pick) but more centres to
-# test per pick; 64 was the fastest on patch features in benchmarks/results/coreset_cpu.json.
+# test per pick; 64 was the fastest on patch features in benchmarks/results/kernels_coreset_cpu.json.
 DEFAULT_LEAF_SIZE = 64
 # Relative slack on every bound: fp32 distance error is ~1e-6 relative at D in the thousands.
 BOUND_TOL = 1e-4
 # Power-iteration steps for each node's split direction (a rough principal axis is enough).
 POWER_STEPS = 3
+# Rounding bound per dimension of a fp32 dot product, with a 4x allowance.
+ERR_PER_DIM = 4 * 2.0**-24
+# torch threads while building and picking (see kernels/_threads.py).
+PICK_THREADS = 1
 PICKED = -1.0  # min-distance marker of picked rows: below every real distance, so never re-picked
 PADDED = float("-inf")  # marker of padding rows
 
@@ -81,7 +88,12 @@ def balanced_leaves(x: torch.Tensor, leaf_size: int, seed: int = 0) -> torch.Ten
 
 
 class _PrunedKCenter:
-    """State of one pruned greedy run: leaves, their bounds and the min-distance of every row."""
+    """State of one pruned greedy run: leaves, their bounds and the min-distance of every row.
+
+    The distances that decide picks are computed by torch exactly like the brute force; the
+    bookkeeping on small per-leaf arrays runs in numpy on shared memory, where an operation costs
+    about a microsecond instead of torch's ~10 (thousands of picks make that the bulk of the time).
+    """
 
     def __init__(self, x: torch.Tensor, leaf_size: int, seed: int):
         self.leaf_ids = balanced_leaves(x, leaf_size, seed)
@@ -90,40 +102,64 @@ class _PrunedKCenter:
         filled = torch.where(valid, self.leaf_ids, self.leaf_ids[:, :1])  # pad with a real row
         self.rows = x[filled.reshape(-1)]  # [n_leaves * S, D], leaf-major
         leaves = self.rows.view(n_leaves, size, -1)
-        self.centres = (leaves * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
-        self.centre_dist = (leaves - self.centres[:, None]).pow(2).sum(-1).sqrt()  # [n_leaves, S]
-        self.radii = torch.where(valid, self.centre_dist, 0.0).amax(1)
-        self.min_d2 = torch.where(valid, float("inf"), PADDED)  # [n_leaves, S]
-        self.leaf_max = torch.full((n_leaves,), float("inf"))  # sqrt(max min_d2) per leaf
-        self.slot = torch.empty(x.shape[0], dtype=torch.long)  # original row -> flat leaf slot
-        self.slot[self.leaf_ids[valid]] = torch.arange(n_leaves * size).view(n_leaves, size)[valid]
+        centres = (leaves * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+        centre_dist = (leaves - centres[:, None]).pow(2).sum(-1).sqrt()
+        # Centre distances come from one mat-vec on mean-centred copies; its rounding error is
+        # bounded by ERR_PER_DIM * D * (|c|^2 + |p|^2) and folded into every bound.
+        self.mean = x.mean(0)
+        self.centres = (centres - self.mean).contiguous()
+        self.centre_sq = self.centres.pow(2).sum(1)
+        self.err_coef = ERR_PER_DIM * x.shape[1]
+        self.centre_dist = centre_dist.numpy()  # [n_leaves, S]
+        self.reach_pad = (torch.where(valid, centre_dist, 0.0).amax(1) * (1 + BOUND_TOL)).numpy()
+        self.min_d2 = torch.where(valid, float("inf"), PADDED).numpy()  # [n_leaves, S]
+        self.flat_min = self.min_d2.reshape(-1)
+        # Per leaf: max of min_d2 (decides picks: its square root could merge near-equal values)
+        # and its square root (for the bounds).
+        self.leaf_top = np.full(n_leaves, np.inf, dtype=np.float32)
+        self.leaf_max = np.full(n_leaves, np.inf, dtype=np.float32)
+        slot = torch.empty(x.shape[0], dtype=torch.long)  # original row -> flat leaf slot
+        slot[self.leaf_ids[valid]] = torch.arange(n_leaves * size).view(n_leaves, size)[valid]
+        self.slot = slot.numpy()
+        self.leaf_ids_np = self.leaf_ids.numpy()
         self.size = size
+
+    def _centre_distances(self, p: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(nominal d(p, c) per leaf, bound on its rounding error)."""
+        pc = p - self.mean
+        p_sq = pc.dot(pc)
+        d2 = torch.addmv(self.centre_sq + p_sq, self.centres, pc, alpha=-2.0).numpy()
+        err_d2 = self.err_coef * (self.centre_sq.numpy() + p_sq.item())
+        dc = np.sqrt(np.maximum(d2, 0))
+        return dc, err_d2 / np.maximum(dc, np.sqrt(err_d2))
 
     def add(self, row: int) -> None:
         """Fold pick `row` into the min-distances (exactly as the brute force would)."""
-        size = self.size
-        flat_min = self.min_d2.view(-1)
-        flat_min[self.slot[row]] = PICKED
-        p = self.rows[self.slot[row]]
-        dc = (self.centres - p).pow(2).sum(1).sqrt()
-        reach = dc - self.radii - BOUND_TOL * (dc + self.radii)
-        leaves = (reach <= self.leaf_max * (1 + BOUND_TOL)).nonzero().squeeze(1)
+        size, tol = self.size, BOUND_TOL
+        slot = int(self.slot[row])
+        self.flat_min[slot] = PICKED
+        p = self.rows[slot]
+        dc, dc_err = self._centre_distances(p)
+        reach = dc * (1 - tol) - dc_err - self.reach_pad
+        leaves = np.flatnonzero(reach <= self.leaf_max * (1 + tol))
         dcl = dc[leaves, None]
         rcd = self.centre_dist[leaves]
-        lower = (dcl - rcd).abs() - BOUND_TOL * (dcl + rcd)
+        lower = np.abs(dcl - rcd) - (dc_err[leaves, None] + tol * (dcl + rcd))
         cur = self.min_d2[leaves]
-        need = (cur > 0) & ((lower <= 0) | (lower * lower <= cur * (1 + BOUND_TOL)))
-        slots = (leaves[:, None] * size + torch.arange(size))[need]
-        d2 = (self.rows[slots] - p).pow(2).sum(1)
-        flat_min[slots] = torch.minimum(flat_min[slots], d2)
-        top = self.min_d2[leaves].amax(1)
-        self.leaf_max[leaves] = torch.where(top < 0, PICKED, top.clamp_min(0).sqrt())
+        need = np.flatnonzero((cur > 0) & ((lower <= 0) | (lower * lower <= cur * (1 + tol))))
+        slots = leaves[need // size] * size + need % size
+        diff = self.rows.index_select(0, torch.from_numpy(slots)).sub_(p)
+        d2 = diff.mul_(diff).sum(1).numpy()  # bit for bit the brute force's (x - p).pow(2).sum(1)
+        self.flat_min[slots] = np.minimum(self.flat_min[slots], d2)
+        top = self.min_d2[leaves].max(1)
+        self.leaf_top[leaves] = top
+        self.leaf_max[leaves] = np.where(top < 0, PICKED, np.sqrt(np.maximum(top, 0)))
 
     def farthest(self) -> tuple[int, float]:
         """(original row id, distance) of the row farthest from all picks so far."""
-        leaf = int(torch.argmax(self.leaf_max))
-        pos = int(torch.argmax(self.min_d2[leaf]))
-        return int(self.leaf_ids[leaf, pos]), float(self.leaf_max[leaf])
+        leaf = int(np.argmax(self.leaf_top))
+        pos = int(np.argmax(self.min_d2[leaf]))
+        return int(self.leaf_ids_np[leaf, pos]), float(self.leaf_max[leaf])
 
 
 def greedy_kcenter_pruned(
@@ -135,12 +171,13 @@ def greedy_kcenter_pruned(
     The seed only shapes the leaves (speed); the picks do not depend on it.
     """
     xf = x.detach().float().contiguous()
-    state = _PrunedKCenter(xf, min(leaf_size, xf.shape[0]), seed)
     picks = torch.empty(n, dtype=torch.long)
     nxt = start
     radius = 0.0
-    for step in range(n):
-        picks[step] = nxt
-        state.add(nxt)
-        nxt, radius = state.farthest()
+    with torch_threads(PICK_THREADS):
+        state = _PrunedKCenter(xf, min(leaf_size, xf.shape[0]), seed)
+        for step in range(n):
+            picks[step] = nxt
+            state.add(nxt)
+            nxt, radius = state.farthest()
     return picks, max(radius, 0.0)

@@ -61,6 +61,20 @@ def test_repeated_rows_give_distinct_picks() -> None:
     assert len({tuple(r) for r in x[first].tolist()}) == 40
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_near_equal_distances_are_told_apart(sign: float) -> None:
+    # Squared distances 546.33325 and the next float up: their fp32 square roots can coincide
+    # (numpy's vectorised sqrt here), so picks must be decided on the squared values.
+    near = torch.tensor([[10.0, 21.1266]])  # (10^2 + 21.1266^2) rounds to 546.33325
+    far = -torch.tensor([[10.0, 21.126602]])  # rounds to the next float, 546.3333
+    assert float((far**2).sum()) > float((near**2).sum())
+    filler = torch.randn(60, 2, generator=torch.Generator().manual_seed(5)) * 0.1
+    x = torch.cat([torch.zeros(1, 2), sign * near, sign * far, filler])
+    picks, _ = greedy_kcenter_pruned(x, 2, start=0, leaf_size=16)
+    assert picks.tolist() == [0, 2]
+    assert torch.equal(picks, greedy_kcenter_torch(x, 2, start=0))
+
+
 def test_leaves_are_balanced_and_cover_every_row() -> None:
     x = clustered(1000, 6, seed=3)
     leaves = balanced_leaves(x, 64)

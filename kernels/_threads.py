@@ -1,0 +1,28 @@
+"""Run a block of many small torch operations on a set number of CPU threads.
+
+The CPU paths (pruned coreset, kNN index) issue thousands of operations on small tensors per call.
+Splitting those over OpenMP threads gains nothing, and when the cores are shared with other busy
+processes the waiting threads made them many times slower (benchmarks/results/kernels_*_cpu.json
+hold runs with 1 and 2 threads side by side).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Set torch's intra-op thread count inside the block (process-wide), then restore it."""
+    before = torch.get_num_threads()
+    if count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,208 @@
+"""Exact k-nearest-neighbour index for the CPU: k-means cells with triangle and bisector bounds.
+
+    index = KnnIndex.build(bank[M, D], seed=0)
+    dist[Q, k], idx[Q, k] = index.search(queries[Q, D], k)   # same contract as kernels.knn.topk
+
+Brute force on the CPU is one Q x M x D GEMM (PatchCore: 1,024 patches x 19,000 x 152 per image,
+~55 ms at fp32 on 2 cores). Normal patches lie close to the bank, so nearly all of that GEMM is
+spent on entries that cannot win. Here the bank is split into ~sqrt(M) k-means cells, each entry
+in the cell of its nearest centre (a Voronoi cell, assigned in float64), with centre c_j and radius
+r_j. For a query q whose nearest centre is c_a, every entry e of cell j satisfies
+
+    d(q, e) >= d(q, c_j) - r_j                                         (triangle)
+    d(q, e) >= (d(q, c_j)^2 - d(q, c_a)^2) / (2 d(c_a, c_j))            (distance to the bisector)
+
+Search: (1) distances of all queries to all centres (one GEMM); (2) scan each query's own cell,
+which gives an upper bound u = the k-th best distance so far; (3) scan only cells whose lower
+bound is below u. Scans are batched per cell: the queries that need cell j form one GEMM with
+cell j's entries. Distances are computed on residuals from the cell centre,
+
+    ||q - e||^2 = ||q - c_j||^2 + ||e - c_j||^2 - 2 (q - c_j).(e - c_j)
+
+so the expansion cancels on numbers of the size of the distances themselves, not of the raw
+feature norms: results agree with a float64 brute force to ~1e-5 relative, and every bound carries
+a margin above that error (tests/test_kernels_knn_index.py). Speed: benchmarks/results/kernels_knn_cpu.json.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels._checks import check_2d
+from kernels._threads import torch_threads
+from kernels.knn import sq_norms
+
+KMEANS_ITERS = 12
+# Relative slack on bounds: fp32 expansion error on residuals is ~D * 2^-24 of the summed norms.
+ERR_PER_DIM = 4 * 2.0**-24
+BOUND_TOL = 1e-4
+# Below this many queries the per-cell loop costs more than it saves: one GEMM over the bank.
+MIN_QUERIES_FOR_CELLS = 512
+# torch threads for build and search (see kernels/_threads.py).
+INDEX_THREADS = 1
+# Candidates beyond k kept before the exact re-rank: a guard against expansion rounding.
+RERANK_EXTRA = 2
+
+
+class KnnIndex:
+    """Exact kNN over a fixed bank; build once (a model load), search many batches."""
+
+    def __init__(self, bank: torch.Tensor, centres: torch.Tensor, cell_of: torch.Tensor):
+        self.bank = bank
+        self.bank_sq_norms = sq_norms(bank)
+        n_cells = centres.shape[0]
+        order = torch.argsort(cell_of, stable=True)
+        self.entry_ids = order  # cell-major position -> row of `bank`
+        counts = torch.bincount(cell_of, minlength=n_cells)
+        self.offsets = [0, *torch.cumsum(counts, 0).tolist()]
+        self.centres = centres
+        # Bank-mean-centred copies for the GEMMs over all centres / all entries: smaller norms,
+        # smaller expansion error.
+        self.mean = bank.mean(0)
+        self.centres_c = centres - self.mean
+        self.centres_c_sq = self.centres_c.pow(2).sum(1)
+        self.bank_c = bank - self.mean
+        self.bank_c_sq = self.bank_c.pow(2).sum(1)
+        self.residuals = (bank[order] - centres[cell_of[order]]).contiguous()
+        self.residual_sq = self.residuals.pow(2).sum(1)
+        self.radii = torch.zeros(n_cells).scatter_reduce_(
+            0, cell_of[order], self.residual_sq.sqrt(), "amax", include_self=False
+        )
+        self.centre_dist = torch.cdist(centres.double(), centres.double()).float()
+
+    @classmethod
+    def build(cls, bank: torch.Tensor, seed: int = 0, n_cells: int | None = None) -> "KnnIndex":
+        """Index `bank` (M x D, any float dtype; kept as float32 on the CPU)."""
+        check_2d("bank", bank)
+        if bank.shape[0] == 0:
+            raise ValueError("bank is empty")
+        bank = bank.detach().float().cpu().contiguous()
+        m = bank.shape[0]
+        cells = n_cells or max(1, round(math.sqrt(m)))
+        with torch_threads(INDEX_THREADS):
+            centres = _kmeans(bank, min(cells, m), seed)
+            # Final assignment in float64 so each cell is exactly the Voronoi cell of its centre,
+            # which the bisector bound relies on; empty cells are dropped.
+            cell_of = _nearest_centre(bank.double(), centres.double())
+            used, cell_of = torch.unique(cell_of, return_inverse=True)
+            return cls(bank, centres[used].contiguous(), cell_of)
+
+    @property
+    def n_cells(self) -> int:
+        return self.centres.shape[0]
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dist[Q, k] float32 ascending Euclidean, idx[Q, k] int64 rows of `bank`)."""
+        check_2d("queries", queries)
+        if queries.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"queries have {queries.shape[1]} dims but bank rows have {self.bank.shape[1]}")
+        if not 1 <= k <= self.bank.shape[0]:
+            raise ValueError(f"k must be in [1, bank rows = {self.bank.shape[0]}], got {k}")
+        q = queries.detach().float().cpu().contiguous()
+        with torch_threads(INDEX_THREADS):
+            if q.shape[0] < MIN_QUERIES_FOR_CELLS or self.n_cells == 1:
+                return self._search_all(q, k)
+            return self._search_cells(q, k)
+
+    def _search_all(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Few queries (the k = 9 reweighting): one GEMM over the bank keeps k + RERANK_EXTRA
+        candidates, then their distances are recomputed directly as sum((q - e)^2)."""
+        qc = q - self.mean
+        d2 = torch.addmm(qc.pow(2).sum(1, keepdim=True) + self.bank_c_sq, qc, self.bank_c.T, alpha=-2.0)
+        cand = torch.topk(d2, min(k + RERANK_EXTRA, d2.shape[1]), dim=1, largest=False).indices
+        return self._rerank(q, cand, k)
+
+    def _rerank(self, q: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact distances sum((q - e)^2) of the candidates, the k best ascending."""
+        exact = (self.bank[cand] - q[:, None, :]).pow(2).sum(2)
+        d, pos = torch.topk(exact, k, dim=1, largest=False)
+        return d.sqrt_(), cand.gather(1, pos)
+
+    def _search_cells(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_q = q.shape[0]
+        qc = q - self.mean
+        q_sq = qc.pow(2).sum(1)
+        to_centre = torch.addmm(q_sq[:, None] + self.centres_c_sq, qc, self.centres_c.T, alpha=-2.0)
+        to_centre_err = ERR_PER_DIM * q.shape[1] * (q_sq[:, None] + self.centres_c_sq)
+        own = to_centre.argmin(1)
+        keep = min(k + RERANK_EXTRA, self.bank.shape[0])
+        best_d = torch.full((n_q, keep), float("inf"))
+        best_i = torch.zeros((n_q, keep), dtype=torch.long)
+        for cell, members in _groups(own, self.n_cells):
+            self._scan(q, members, cell, best_d, best_i)
+        lower = self._lower_bounds(to_centre, to_centre_err, own)
+        # The k-th best so far, plus the expansion error of residual distances (|q - c| + r)^2 wide.
+        own_reach = to_centre.gather(1, own[:, None])[:, 0].clamp_min(0).sqrt() + self.radii[own]
+        slack = ERR_PER_DIM * q.shape[1] * 2 * own_reach.pow(2)
+        upper = (best_d[:, k - 1] + slack).clamp_min(0).sqrt() * (1 + BOUND_TOL) + BOUND_TOL
+        need = lower < upper[:, None]
+        need[torch.arange(n_q), own] = False
+        pairs = need.nonzero()  # (query, cell), query-major
+        cells = pairs[:, 1]
+        order = torch.argsort(cells, stable=True)
+        for cell, members in _groups(cells[order], self.n_cells, pairs[order, 0]):
+            self._scan(q, members, cell, best_d, best_i)
+        return self._rerank(q, best_i, k)
+
+    def _lower_bounds(self, to_centre: torch.Tensor, err: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """[Q, n_cells] lower bounds on the distance from each query to each cell's entries."""
+        low_sq = (to_centre - err).clamp_min(0)
+        triangle = low_sq.sqrt() - self.radii * (1 + BOUND_TOL)
+        own_sq = (to_centre.gather(1, own[:, None]) + err.gather(1, own[:, None])).clamp_min(0)
+        gap = self.centre_dist[own] * (1 + BOUND_TOL)
+        bisector = (low_sq - own_sq) / (2 * gap.clamp_min(1e-30))
+        return torch.maximum(triangle, bisector) - BOUND_TOL
+
+    def _scan(self, q: torch.Tensor, members: torch.Tensor, cell: int, best_d: torch.Tensor, best_i: torch.Tensor) -> None:
+        """Merge cell `cell` into the running top-k of queries `members` (squared distances)."""
+        lo, hi = self.offsets[cell], self.offsets[cell + 1]
+        rel = q.index_select(0, members) - self.centres[cell]
+        rel_sq = rel.pow(2).sum(1, keepdim=True)
+        d2 = torch.addmm(rel_sq + self.residual_sq[lo:hi], rel, self.residuals[lo:hi].T, alpha=-2.0)
+        keep = best_d.shape[1]
+        take = min(keep, hi - lo)
+        d, pos = torch.topk(d2, take, dim=1, largest=False)
+        merged_d = torch.cat([best_d.index_select(0, members), d], 1)
+        merged_i = torch.cat([best_i.index_select(0, members), self.entry_ids[lo:hi][pos]], 1)
+        d, pos = torch.topk(merged_d, keep, dim=1, largest=False)
+        best_d[members] = d
+        best_i[members] = merged_i.gather(1, pos)
+
+
+def _groups(keys_sorted_or_not: torch.Tensor, n_cells: int, values: torch.Tensor | None = None):
+    """(cell, member query ids) for each non-empty cell; `values` are given sorted by key."""
+    if values is None:
+        order = torch.argsort(keys_sorted_or_not, stable=True)
+        keys, values = keys_sorted_or_not[order], order
+    else:
+        keys = keys_sorted_or_not
+    counts = torch.bincount(keys, minlength=n_cells).tolist()
+    start = 0
+    for cell, count in enumerate(counts):
+        if count:
+            yield cell, values[start : start + count]
+            start += count
+
+
+def _nearest_centre(rows: torch.Tensor, centres: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    return torch.cat([torch.cdist(rows[i : i + chunk], centres).argmin(1) for i in range(0, rows.shape[0], chunk)])
+
+
+def _kmeans(rows: torch.Tensor, n_cells: int, seed: int) -> torch.Tensor:
+    """Lloyd's k-means from a seeded sample of rows; an emptied centre is reseeded on a far row."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = rows[torch.randperm(rows.shape[0], generator=gen)[:n_cells]].clone()
+    row_sq = rows.pow(2).sum(1, keepdim=True)
+    for _ in range(KMEANS_ITERS):
+        d2 = torch.addmm(row_sq + centres.pow(2).sum(1), rows, centres.T, alpha=-2.0)
+        near_d2, cell_of = d2.min(1)
+        counts = torch.bincount(cell_of, minlength=n_cells)
+        sums = torch.zeros_like(centres).index_add_(0, cell_of, rows)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None].float()
+        empty = (~filled).nonzero().squeeze(1)
+        if empty.numel():
+            centres[empty] = rows[torch.topk(near_d2, empty.numel()).indices]
+    return centres.contiguous()

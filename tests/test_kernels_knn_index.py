@@ -1,0 +1,94 @@
+"""The exact CPU kNN index against float64 brute force and the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.knn import sq_norms, topk_torch
+from kernels.knn_index import MIN_QUERIES_FOR_CELLS, KnnIndex
+
+
+def blobs(n_rows: int, dim: int, seed: int, n_clusters: int = 20) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_clusters, dim, generator=gen) * 6 + 40  # far from the origin, like features
+    which = torch.randint(n_clusters, (n_rows,), generator=gen)
+    return centres[which] + torch.randn(n_rows, dim, generator=gen) * (0.3 + torch.rand(n_rows, 1, generator=gen))
+
+
+def near_and_far_queries(bank: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Half near bank rows (normal patches), half pushed away from the bank (anomalies)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = bank[torch.randint(bank.shape[0], (n,), generator=gen)]
+    near = rows[: n // 2] + 0.05 * torch.randn(n // 2, bank.shape[1], generator=gen)
+    far = rows[n // 2 :] + 4.0 * torch.randn(n - n // 2, bank.shape[1], generator=gen)
+    return torch.cat([near, far])
+
+
+def float64_topk(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    d = torch.cdist(queries.double(), bank.double())
+    return torch.topk(d, k, dim=1, largest=False)
+
+
+@pytest.fixture(scope="module")
+def bank() -> torch.Tensor:
+    return blobs(3001, 37, seed=0)
+
+
+@pytest.fixture(scope="module")
+def index(bank: torch.Tensor) -> KnnIndex:
+    return KnnIndex.build(bank, seed=0)
+
+
+@pytest.mark.parametrize("k", [1, 9])
+@pytest.mark.parametrize("n_queries", [7, MIN_QUERIES_FOR_CELLS + 300])  # few-query path, cell path
+def test_search_is_exact(index: KnnIndex, bank: torch.Tensor, k: int, n_queries: int) -> None:
+    queries = near_and_far_queries(bank, n_queries, seed=k)
+    dist, idx = index.search(queries, k)
+    ref_d, ref_i = float64_topk(queries, bank, k)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64 and dist.shape == (n_queries, k)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-5)
+    assert torch.equal(idx, ref_i)
+    # The torch reference expands ||q||^2 - 2 q.b + ||b||^2 on raw norms: never closer to float64.
+    torch_d, torch_i = topk_torch(queries, bank, k)
+    assert (dist.double() - ref_d).abs().max() <= (torch_d.double() - ref_d).abs().max()
+    assert (idx[:, 0] == torch_i[:, 0]).float().mean() > 0.99
+
+
+def test_queries_on_bank_rows_find_themselves(index: KnnIndex, bank: torch.Tensor) -> None:
+    rows = torch.arange(0, bank.shape[0], 3)[:MIN_QUERIES_FOR_CELLS + 10]
+    dist, idx = index.search(bank[rows], 1)
+    assert torch.equal(idx[:, 0], rows)
+    assert float(dist.max()) == 0.0
+
+
+def test_index_exposes_bank_and_norms(index: KnnIndex, bank: torch.Tensor) -> None:
+    assert torch.equal(index.bank, bank)
+    torch.testing.assert_close(index.bank_sq_norms, sq_norms(bank))
+    assert 20 <= index.n_cells <= 60  # ~sqrt(M) cells, empty ones dropped
+    again = KnnIndex.build(bank, seed=0)
+    assert torch.equal(again.centres, index.centres)
+
+
+def test_tiny_banks_and_repeated_rows() -> None:
+    one = KnnIndex.build(torch.ones(1, 5))
+    dist, idx = one.search(torch.zeros(600, 5), 1)
+    assert idx.unique().tolist() == [0]
+    torch.testing.assert_close(dist, torch.full((600, 1), 5**0.5))
+    base = blobs(50, 8, seed=3)
+    repeated = torch.cat([base, base, base])
+    queries = near_and_far_queries(base, 600, seed=4)
+    dist, idx = KnnIndex.build(repeated, n_cells=9).search(queries, 5)
+    ref_d, _ = float64_topk(queries, repeated, 5)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-5)
+    got = torch.linalg.vector_norm(repeated[idx].double() - queries[:, None].double(), dim=2)
+    torch.testing.assert_close(got, ref_d, rtol=1e-5, atol=1e-5)  # the indices carry those distances
+
+
+def test_bad_arguments_are_refused(index: KnnIndex) -> None:
+    with pytest.raises(ValueError, match="k must be in"):
+        index.search(torch.zeros(3, 37), index.bank.shape[0] + 1)
+    with pytest.raises(ValueError, match="dims"):
+        index.search(torch.zeros(3, 36), 1)
+    with pytest.raises(ValueError, match="empty"):
+        KnnIndex.build(torch.zeros(0, 4))
