@@ -6,16 +6,17 @@ Three stages run at once: a loader thread reads, inspects, decodes and resizes b
 thread runs the model on batch n and a writer thread stores batch n-1 (Zarr chunks, then the shard's
 Parquet part and completion marker). Queues between them are bounded, so memory is too.
 
-Determinism: the backbone always sees micro-batches of one fixed size per device (MODEL_BATCH, the
-last one padded with zeros), and the scoring step runs one image at a time, so an image's score and map
-depend neither on --batch-size nor on which images share its batch (kernels may pick a different
-reduction order for a different batch shape; a fixed shape keeps every run bitwise identical).
+Determinism: the model always sees micro-batches of one fixed size per device (MODEL_BATCH, the last
+one padded with zeros), so an image's score and map depend neither on --batch-size nor on which images
+share its batch: kernels may pick a different reduction order for a different batch shape, but with a
+fixed shape every row is computed the same way wherever it sits (scoring per image instead costs 1.6x).
 tests/test_scan.py checks scans with batch sizes 1, 5 and 12 for bitwise-equal scores and maps.
 """
 
 from __future__ import annotations
 
 import queue
+from collections import deque
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -282,8 +283,8 @@ class ShardWriter:
 def score_batch(model: Any, images: torch.Tensor, model_batch: int, times: StageTimes) -> tuple[np.ndarray, ...]:
     """Raw scores, normalised scores, float16 normalised maps and anomaly flags for a batch.
 
-    Features come from fixed-size micro-batches (zero-padded) and scores from one image at a time, so
-    the result for an image does not depend on the batch it came in.
+    The model always sees micro-batches of exactly `model_batch` images (the last zero-padded), so the
+    result for an image does not depend on the batch it came in nor on its neighbours in it.
     """
     raw, maps = [], []
     with torch.inference_mode():
@@ -295,10 +296,9 @@ def score_batch(model: Any, images: torch.Tensor, model_batch: int, times: Stage
                 chunk = torch.cat([chunk, chunk.new_zeros((model_batch - real, *chunk.shape[1:]))])
             feature_maps = model.features(chunk)
             t1 = time.perf_counter()
-            for i in range(real):
-                out = model.score_features([f[i : i + 1] for f in feature_maps])
-                raw.append(out.scores)
-                maps.append(out.maps)
+            out = model.score_features(feature_maps)
+            raw.append(out.scores[:real])
+            maps.append(out.maps[:real])
             times.features += t1 - t0
             times.scoring += time.perf_counter() - t1
         t1 = time.perf_counter()
@@ -308,6 +308,59 @@ def score_batch(model: Any, images: torch.Tensor, model_batch: int, times: Stage
         raw_np = raw_scores.float().cpu().numpy()
         times.scoring += time.perf_counter() - t1
     return raw_np, norm_scores, norm_maps, raw_np.astype(np.float64) >= float(model.threshold)
+
+
+class _MicroBatcher:
+    """Gathers decoded images across batches into full model micro-batches; hands back whole batches.
+
+    Only the very last micro-batch of a run is padded, whatever --batch-size is, and batches leave in
+    the order they came.
+    """
+
+    def __init__(self, model: Any, model_batch: int, times: StageTimes, emit: Callable[[ScoredBatch], None]):
+        self.model, self.model_batch, self.times, self.emit = model, model_batch, times, emit
+        self.waiting: deque[LoadedBatch] = deque()  # batches whose results are not all in yet
+        self.unscored: list[torch.Tensor] = []
+        self.n_unscored = 0
+        self.results: list[tuple[np.ndarray, ...]] = []  # scored, not yet handed back
+        self.n_results = 0
+
+    def add(self, batch: LoadedBatch) -> None:
+        self.waiting.append(batch)
+        if batch.ok:
+            self.unscored.append(batch.images)
+            self.n_unscored += len(batch.ok)
+        if self.n_unscored >= self.model_batch:
+            self.flush(final=False)
+        self._hand_back()
+
+    def flush(self, final: bool) -> None:
+        take = self.n_unscored if final else self.n_unscored // self.model_batch * self.model_batch
+        if take:
+            images = torch.cat(self.unscored)
+            self.results.append(score_batch(self.model, images[:take], self.model_batch, self.times))
+            self.unscored = [images[take:]] if take < len(images) else []
+            self.n_unscored -= take
+            self.n_results += take
+        self._hand_back()
+
+    def _hand_back(self) -> None:
+        while self.waiting and len(self.waiting[0].ok) <= self.n_results:
+            batch = self.waiting.popleft()
+            self.emit(ScoredBatch(batch, *self._take(len(batch.ok))))
+
+    def _take(self, count: int) -> tuple[np.ndarray, ...]:
+        """The next `count` results (raw, scores, maps, anomalous), in order."""
+        if self.results:
+            merged = [np.concatenate(cols) for cols in zip(*self.results, strict=True)]
+        else:
+            size = self.model.input_size
+            empty_maps = np.zeros((0, size, size), np.float16)
+            merged = [np.zeros(0, np.float32), np.zeros(0, np.float32), empty_maps, np.zeros(0, bool)]
+        head = tuple(col[:count] for col in merged)
+        self.results = [tuple(col[count:] for col in merged)]
+        self.n_results -= count
+        return head
 
 
 def resolve_model_batch(options: ScanOptions, device: torch.device) -> int:
@@ -346,6 +399,13 @@ def run_shards(
     loader, writer_thread = _Worker("vade-loader", load_all), _Worker("vade-writer", write_all)
     loader.start()
     writer_thread.start()
+    def emit(scored: ScoredBatch) -> None:
+        _put_while_alive(scored_q, scored, writer_thread)
+        times.images += len(scored.loaded.records)
+        if on_batch:
+            on_batch(len(scored.loaded.records))
+
+    gather = _MicroBatcher(model, model_batch, times, emit)
     try:
         while True:
             try:
@@ -357,15 +417,8 @@ def run_shards(
             if item is _DONE:
                 break
             times.decode += item.seconds
-            if item.ok:
-                raw, scores, maps, anomalous = score_batch(model, item.images, model_batch, times)
-            else:
-                raw = scores = np.zeros(0, np.float32)
-                maps, anomalous = np.zeros((0, size, size), np.float16), np.zeros(0, bool)
-            _put_while_alive(scored_q, ScoredBatch(item, raw, scores, maps, anomalous), writer_thread)
-            times.images += len(item.records)
-            if on_batch:
-                on_batch(len(item.records))
+            gather.add(item)
+        gather.flush(final=True)
         _put_while_alive(scored_q, _DONE, writer_thread)
         writer_thread.join()
         writer_thread.check()
