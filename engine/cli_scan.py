@@ -12,6 +12,7 @@ import sys
 
 from engine.decode import DEFAULT_MAX_PIXELS
 from engine.decoders import DECODERS
+from engine.distributed import add_cluster_arguments, cluster_scan_for
 from engine.errors import VadeError
 from engine.pipeline import ScanOptions, scan
 from engine.progress import Progress
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when any input could not be scored")
     p.add_argument("--quiet", action="store_true", help="no progress output (the summary line still prints)")
+    add_cluster_arguments(p)  # --workers N | --gpus all|N | --scheduler ADDRESS (engine.distributed)
     p.set_defaults(func=run)
     return p
 
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     """Run a scan from parsed arguments; print a summary line; return the exit code."""
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     try:
-        result = scan(
+        result = (cluster_scan_for(args) or scan)(
             args.model_dir,
             args.source,
             args.out,

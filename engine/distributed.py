@@ -1,0 +1,380 @@
+"""Distributed scans: the shards of a scan run as Dask tasks over processes, GPUs and machines.
+
+    result = scan_on_cluster(model_dir, source, out_dir, cluster=ClusterRequest(workers=2))
+    vade scan MODEL_DIR SOURCE --out OUT_DIR --workers 2 | --gpus all | --scheduler tcp://HOST:8786
+
+The driver (this process) opens the scan exactly as the single-process scan does (engine.pipeline:
+same plan, same scan.json, same shards), then streams the pending shards to the cluster, keeping one
+task in flight per worker thread: the shard plan is never held whole, and a worker that dies takes
+only the shard it was running with it. Each task scans one shard on a worker that loaded the model
+once (engine.distributed_worker); the driver consolidates scores.parquet at the end, and --resume skips
+the shards that have a completion marker, whichever process wrote them.
+
+Faults. A worker killed mid-shard: Dask reruns the shard on another worker, which rewrites all of the
+shard's chunks, its part and its marker, so the half-written attempt leaves nothing behind. A shard
+that kills a worker every time (a file that crashes the decoder: a segfault, an abort, an OOM kill) ends
+in KilledWorker after `allowed_failures` deaths; the driver then splits it into SPLIT_WAYS pieces, and
+recursively each piece that kills again, down to single inputs. A single input that still kills its
+worker becomes an error row; the other pieces' rows are joined into the shard's one part, in order.
+
+Progress: one bar for the whole cluster; workers report images scanned (at most every half second per
+task) through a Dask event topic, and a finished task sets its count exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError
+from engine.pipeline import ScanJob, ScanOptions, ScanResult, open_scan
+from engine.progress import Progress
+from engine.scan_loop import StageTimes
+from engine.sources import Record, Shard
+from engine.writers import ShardCounts, check_new_out_dir
+
+SPLIT_WAYS = 4  # a shard that keeps killing workers is cut into this many pieces, recursively
+THREAD_REFRESH_S = 5.0  # how often the driver re-reads the cluster's size (workers may join or leave)
+
+__all__ = ["SPLIT_WAYS", "ClusterRequest", "add_cluster_arguments", "cluster_scan_for", "scan_on_cluster"]
+
+
+def __getattr__(name: str) -> Any:  # ClusterRequest without importing dask for `vade --help`
+    if name == "ClusterRequest":
+        from engine.distributed_cluster import ClusterRequest
+
+        return ClusterRequest
+    raise AttributeError(name)
+
+
+# -- command line ------------------------------------------------------------------------------------
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workers / --gpus / --scheduler on `vade scan` (at most one; none = one process, as before)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--workers", type=int, metavar="N", help="run shards on a local Dask cluster of N worker processes"
+    )
+    group.add_argument(
+        "--gpus", metavar="all|N", help="one local Dask worker per GPU (all visible, or the first N), each pinned to its GPU"
+    )
+    group.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on an existing Dask cluster: tcp://HOST:PORT of its scheduler, or its --scheduler-file JSON",
+    )
+
+
+def cluster_scan_for(args: argparse.Namespace) -> Callable[..., ScanResult] | None:
+    """scan_on_cluster bound to the cluster the arguments ask for, or None for a one-process scan."""
+    workers, gpus, scheduler = (getattr(args, name, None) for name in ("workers", "gpus", "scheduler"))
+    if workers is None and gpus is None and scheduler is None:
+        return None
+    from engine.distributed_cluster import ClusterRequest
+
+    request = ClusterRequest(workers=workers, gpus=gpus, scheduler=scheduler)
+    request.validate()
+
+    def run(*a: Any, **kw: Any) -> ScanResult:
+        return scan_on_cluster(*a, cluster=request, **kw)
+
+    return run
+
+
+# -- the driver --------------------------------------------------------------------------------------
+@dataclass
+class _ModelFacts:
+    """What open_scan reads from a model (the driver never runs it), with the workers' device."""
+
+    input_size: int
+    meta: dict
+    threshold: float
+    device: Any
+
+
+@dataclass
+class _Split:
+    """A shard being scanned in pieces: rows by piece start, until every piece is back."""
+
+    shard: Shard
+    waiting: int = 0
+    rows: dict = dataclasses.field(default_factory=dict)
+    counts: ShardCounts = dataclasses.field(default_factory=ShardCounts)
+
+
+@dataclass
+class _Task:
+    piece: Shard  # the shard itself, or a run of its records (same id, start = first position)
+    split: _Split | None  # None for a whole shard
+    key: str
+
+
+class _Tally:
+    """Images done for the progress bar: provisional per-task reports, made exact when a task ends."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.reported: dict[str, int] = {}
+        self.closed: set[str] = set()
+        self.lock = threading.Lock()
+
+    def on_event(self, event: tuple[float, Any]) -> None:  # runs in the client's event-loop thread
+        key, images = event[1]
+        with self.lock:
+            if key not in self.closed:
+                self.reported[key] = self.reported.get(key, 0) + images
+                self.progress.advance(images)
+
+    def finish(self, key: str, images: int) -> None:
+        with self.lock:
+            self.progress.advance(images - self.reported.pop(key, 0))
+            self.closed.add(key)
+
+    def forget(self, key: str) -> None:
+        with self.lock:
+            self.progress.advance(-self.reported.pop(key, 0))
+            self.closed.add(key)
+
+
+def _absolute(shard: Shard) -> Shard:
+    """The shard with files the workers can open from any working directory (`path` kept as given)."""
+    records = [Record(r.position, r.path, os.path.abspath(r.file) if r.file else r.file, r.extra) for r in shard.records]
+    return Shard(shard.id, shard.start, records)
+
+
+def _pieces(piece: Shard) -> list[Shard]:
+    n = len(piece.records)
+    cuts = [n * i // SPLIT_WAYS for i in range(SPLIT_WAYS + 1)]
+    return [
+        Shard(piece.id, piece.records[a].position, piece.records[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a
+    ]
+
+
+class _Runner:
+    """Streams a job's pending shards through a Dask client, one task per worker thread in flight."""
+
+    def __init__(self, client: Any, job: ScanJob, options: ScanOptions, model_dir: str, tally: _Tally, say: Callable):
+        self.client, self.job, self.options, self.model_dir = client, job, options, model_dir
+        self.tally, self.say = tally, say
+        self.token = uuid.uuid4().hex[:12]
+        self.topic = f"vade-progress-{self.token}"
+        self.out_dir = str(job.store.out_dir.absolute())
+        self.shards: Iterator[Shard] = job.pending_shards()
+        self.backlog: deque[_Task] = deque()  # pieces of split shards go before new shards
+        self.inflight: dict[Any, _Task] = {}
+        self.times = StageTimes()
+        self.decoder = ""
+        self._threads, self._threads_at = 1, 0.0
+
+    def _window(self) -> int:
+        now = time.monotonic()
+        if now - self._threads_at > THREAD_REFRESH_S:
+            self._threads = max(1, sum(self.client.nthreads().values()))
+            self._threads_at = now
+        return self._threads
+
+    def _submit(self, task: _Task, done: Any) -> None:
+        future = self.client.submit(
+            _scan_piece, self.out_dir, self.model_dir, task.piece, task.split is None, self.options, task.key,
+            self.topic, key=task.key, pure=False,
+        )  # fmt: skip
+        self.inflight[future] = task
+        done.add(future)
+
+    def _refill(self, done: Any) -> None:
+        while len(self.inflight) < self._window():
+            if self.backlog:
+                task = self.backlog.popleft()
+            else:
+                shard = next(self.shards, None)
+                if shard is None:
+                    return
+                task = _Task(_absolute(shard), None, f"vade-shard-{self.token}-{shard.id}")
+            self._submit(task, done)
+
+    def run(self) -> StageTimes:
+        from distributed import as_completed
+
+        started = time.perf_counter()
+        self.client.subscribe_topic(self.topic, self.tally.on_event)
+        done = as_completed()
+        try:
+            self._refill(done)
+            for future in done:
+                task = self.inflight.pop(future)
+                if future.status == "finished":
+                    self._finished(task, future.result())
+                else:
+                    self._failed(task, future.exception())
+                future.release()
+                self._refill(done)
+        finally:
+            self.client.unsubscribe_topic(self.topic)
+            if self.inflight:
+                self.client.cancel(list(self.inflight))
+        self.times.loop = time.perf_counter() - started
+        return self.times
+
+    def _finished(self, task: _Task, result: Any) -> None:
+        for name in ("decode", "features", "scoring", "write", "images"):
+            setattr(self.times, name, getattr(self.times, name) + getattr(result.times, name))
+        self.decoder = self.decoder or result.decoder
+        self.tally.finish(task.key, result.images)
+        if task.split is not None:
+            self._piece_done(task.split, task.piece, result.rows, result.counts)
+
+    def _piece_done(self, split: _Split, piece: Shard, rows: Any, counts: ShardCounts) -> None:
+        import pyarrow as pa
+
+        split.rows[piece.start] = rows
+        split.counts += counts
+        split.waiting -= 1
+        if split.waiting == 0:  # every piece's maps are written: now the shard's part, then its marker
+            table = pa.concat_tables([split.rows[start] for start in sorted(split.rows)])
+            self.job.store.finish_shard(split.shard.id, split.shard.start, table, split.counts)
+
+    def _failed(self, task: _Task, error: BaseException) -> None:
+        from distributed import KilledWorker
+
+        self.tally.forget(task.key)
+        if not isinstance(error, KilledWorker):
+            if isinstance(error, (ImportError, AttributeError)):
+                raise ConfigError(
+                    f"a Dask worker cannot run vade's scan task ({type(error).__name__}: {error}); install the same "
+                    "vade on every worker machine"
+                ) from error
+            raise error
+        piece = task.piece
+        split = task.split or _Split(piece)
+        if len(piece.records) == 1:
+            record = piece.records[0]
+            self.say(f"input {record.path} killed the worker each time it was scanned; recorded as an error row")
+            rows, counts = _crash_row(self.job, piece, error)
+            self.tally.finish(task.key, 1)
+            self._piece_done(split, piece, rows, counts)
+            return
+        pieces = _pieces(piece)
+        split.waiting += len(pieces) - (0 if task.split is None else 1)
+        self.say(
+            f"shard {piece.id}: workers died {error.allowed_failures + 1} times running positions "
+            f"{piece.start}..{piece.stop - 1}; scanning them in {len(pieces)} pieces to isolate the cause"
+        )
+        for sub in reversed(pieces):
+            self.backlog.appendleft(_Task(sub, split, f"vade-piece-{self.token}-{sub.id}-{sub.start}-{sub.stop}"))
+
+
+def _scan_piece(*args: Any) -> Any:
+    """Task entry point, imported on the worker (keeps engine.distributed_worker off the driver's import path)."""
+    from engine.distributed_worker import scan_piece
+
+    return scan_piece(*args)
+
+
+def _crash_row(job: ScanJob, piece: Shard, error: Any) -> tuple[Any, ShardCounts]:
+    """The error row for a single input that killed its worker every time; its map slot is set to empty."""
+    import numpy as np
+    import torch
+
+    from engine.distributed_worker import RowsCollector
+    from engine.scan_loop import LoadedBatch, ScoredBatch, ShardWriter
+
+    size = int(job.store.manifest["map_size"])
+    message = (
+        f"the worker process died each of the {error.allowed_failures + 1} times it scanned this file (the decoder "
+        "crashes on it, or it exhausts memory); the file was isolated by splitting its shard"
+    )
+    collector = RowsCollector(job.store)
+    loaded = LoadedBatch(piece, piece.records, torch.empty((0, 3, size, size)), [], {}, {0: message}, True, 0.0)
+    empty = np.zeros(0, np.float32)
+    ShardWriter(collector).write(ScoredBatch(loaded, empty, empty, np.zeros((0, size, size), np.float16), empty.astype(bool)))
+    return collector.rows, collector.counts
+
+
+def _check_forced_device(options: ScanOptions, forced: str | None) -> None:
+    if forced is not None and options.device not in ("auto", forced):
+        raise ConfigError(
+            f"--gpus runs each worker on its own GPU (which it sees as cuda:0); --device {options.device} "
+            "contradicts it: leave --device out"
+        )
+
+
+def _workers_device(client: Any, options: ScanOptions, forced: str | None) -> str:
+    """The device type the workers will use (asked of a worker: the driver may have no GPU)."""
+    from engine.distributed_worker import worker_device_type
+
+    try:
+        return client.submit(worker_device_type, forced or options.device, pure=False).result()
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"a Dask worker cannot import vade ({exc}); install the same vade on every worker") from exc
+
+
+def scan_on_cluster(
+    model_dir: str | Path,
+    source: str | Path,
+    out_dir: str | Path,
+    options: ScanOptions | None = None,
+    *,
+    cluster: Any = None,
+    client: Any = None,
+    resume: bool = False,
+    quiet: bool = True,
+    progress: Progress | None = None,
+    say: Callable[[str], None] | None = None,
+    **option_overrides: Any,
+) -> ScanResult:
+    """engine.pipeline.scan with the shards run as Dask tasks: on `client`, or on a cluster made from `cluster`.
+
+    Same outputs as the one-process scan; a scan started either way can be resumed either way (with
+    the same device type). `cluster` is a ClusterRequest (workers / gpus / scheduler).
+    """
+    import torch
+
+    from engine.artifact import load_model
+    from engine.distributed_cluster import connect
+
+    try:
+        options = dataclasses.replace(options or ScanOptions(), **option_overrides)
+    except TypeError as exc:
+        raise ConfigError(f"unknown scan option: {exc}; known: {[f.name for f in dataclasses.fields(ScanOptions)]}") from exc
+    if (client is None) == (cluster is None):
+        raise ConfigError("scan_on_cluster needs exactly one of client= or cluster=")
+    options.validate()
+    say = say or (lambda _msg: None)
+    forced = getattr(cluster, "worker_device", None)
+    _check_forced_device(options, forced)
+    if not resume:
+        check_new_out_dir(Path(out_dir))  # before starting a cluster
+    t0 = time.perf_counter()
+    with nullcontext(client) if client is not None else connect(cluster) as live:
+        device = _workers_device(live, options, forced)
+        options = dataclasses.replace(options, device=device)
+        local = load_model(model_dir, device="cpu")
+        facts = _ModelFacts(local.input_size, local.meta, float(local.threshold), torch.device(device))
+        del local
+        job = open_scan(model_dir, source, out_dir, options, resume=resume, model=facts)
+        counts = job.done_counts()
+        if job.done:
+            say(f"resuming: {len(job.done)} of {job.shards} shards ({counts.total} images) already done")
+        times, decoder = StageTimes(), options.decoder
+        if not job.store.is_complete():
+            progress = progress or Progress(job.total, quiet=quiet)
+            progress.begin(job.total, counts.total)
+            workers = len(live.nthreads())
+            say(f"scanning {job.total} images in {job.shards - len(job.done)} shards on {workers} Dask workers ({live.scheduler.address})")
+            runner = _Runner(live, job, options, str(Path(model_dir).absolute()), _Tally(progress), say)
+            times = runner.run()
+            decoder = runner.decoder or decoder
+            progress.close()
+        counts = job.finish()
+    return ScanResult(
+        Path(out_dir), counts, job.total, job.shards, len(job.done), time.perf_counter() - t0, times, decoder, device
+    )

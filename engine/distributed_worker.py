@@ -1,0 +1,146 @@
+"""The worker side of a distributed scan: one Dask task scans one shard, or one piece of a split shard.
+
+A whole shard is written exactly as the single-process scan writes it (its Zarr chunks, then its
+Parquet part, then its completion marker), so a rerun after a lost worker rewrites the same bytes.
+A piece (a run of a shard's records, made when the shard kept killing workers) writes its Zarr chunks
+and returns its rows; the driver joins a split shard's pieces into the shard's one part and marker.
+
+The model is loaded once per worker process, on the first task that needs it, and kept in a
+process-wide cache keyed by model folder, model fingerprint (SHA-256 of model.json) and device; tasks
+carry only the shard's records and the scan folder, never the model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from engine.errors import ConfigError, ModelFileError
+from engine.scan_loop import ScanOptions, StageTimes, run_shards
+from engine.sources import Shard
+from engine.writers import ScanStore, ShardCounts
+
+PROGRESS_EVERY_S = 0.5  # a worker reports scanned images to the driver at most this often per task
+
+_models: dict[tuple[str, str, str], Any] = {}
+_models_lock = threading.Lock()
+models_loaded = 0  # loads in this process (tests check it stays at one per worker)
+
+
+def drop_models() -> None:
+    with _models_lock:
+        _models.clear()
+
+
+def cached_model(model_dir: str, fingerprint: str, device: str) -> Any:
+    """This process's copy of the model (bank on its device), loaded on first use and checked against the scan."""
+    from engine.artifact import load_model
+    from engine.pipeline import _model_fingerprint  # the scan's own definition of "the same model"
+
+    global models_loaded
+    key = (model_dir, fingerprint, device)
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            found = _model_fingerprint(Path(model_dir))
+            if found != fingerprint:
+                raise ModelFileError(
+                    f"the model at {model_dir} on this worker differs from the one the scan was started with "
+                    f"(model.json SHA-256 {found[:12]}... != {fingerprint[:12]}...); give every worker the same model files"
+                )
+            _models.clear()  # one model per worker: a long-lived cluster moving to another scan frees the old bank
+            model = _models[key] = load_model(model_dir, device=device)
+            models_loaded += 1
+    return model
+
+
+def worker_device_type(device: str) -> str:
+    """What `device` ("auto", "cpu", "cuda[:N]") means on this worker, as a device type; refuses a missing GPU."""
+    import os
+
+    import torch
+
+    from engine.models.base import resolve_device
+
+    kind = resolve_device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"Dask worker {os.getpid()} has no usable GPU for --device {device} (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}, torch {torch.__version__}); "
+            "start GPU workers on GPU machines, or use --workers N / --device cpu"
+        )
+    return kind
+
+
+class RowsCollector(ScanStore):
+    """A ScanStore that keeps a piece's rows in memory instead of writing a part and a marker."""
+
+    def __init__(self, store: ScanStore):
+        super().__init__(store.out_dir, store.manifest)
+        self.rows: pa.Table | None = None
+        self.counts = ShardCounts()
+
+    def finish_shard(self, shard_id: int, start: int, rows: pa.Table, counts: ShardCounts) -> None:
+        self.rows, self.counts = rows, counts
+
+
+@dataclass
+class PieceResult:
+    """What a task sends back: counts and timings, and for a piece (not a whole shard) its rows."""
+
+    images: int
+    counts: ShardCounts
+    times: StageTimes
+    decoder: str
+    rows: pa.Table | None = None
+    worker: str = ""
+
+
+@dataclass
+class _Reporter:
+    """on_batch callback: sends images scanned to the driver's progress bar, at most every PROGRESS_EVERY_S."""
+
+    topic: str | None
+    key: str
+    pending: int = 0
+    last: float = field(default_factory=time.monotonic)
+
+    def __call__(self, images: int) -> None:
+        self.pending += images
+        now = time.monotonic()
+        if self.topic and now - self.last >= PROGRESS_EVERY_S:
+            from distributed import get_worker
+
+            get_worker().log_event(self.topic, [self.key, self.pending])
+            self.pending, self.last = 0, now
+
+
+def scan_piece(
+    out_dir: str, model_dir: str, shard: Shard, whole: bool, options: ScanOptions, key: str, topic: str | None
+) -> PieceResult:
+    """The task: scan `shard` (a whole shard, or a piece of one when `whole` is False) into OUT_DIR."""
+    from distributed import get_worker
+
+    from engine.decoders import make_decoder
+
+    store = ScanStore.open(Path(out_dir))
+    manifest = store.manifest
+    model = cached_model(model_dir, manifest["model_fingerprint"], options.device)
+    if model.device.type != manifest["device_type"]:
+        raise ConfigError(
+            f"worker {get_worker().address} runs the model on {model.device.type}, but this scan was started "
+            f"for {manifest['device_type']} workers (results differ between device types); use workers of one kind"
+        )
+    target = store if whole else RowsCollector(store)
+    counts: list[ShardCounts] = []
+    times = run_shards(
+        model, [shard], target, options, on_batch=_Reporter(topic, key), on_shard_done=lambda _s, c: counts.append(c)
+    )
+    decoder = make_decoder(options.decoder, model.device, options.batch_size, options.decode_threads).name
+    rows = None if whole else target.rows
+    return PieceResult(len(shard.records), counts[0], times, decoder, rows, get_worker().address)

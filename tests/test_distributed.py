@@ -1,0 +1,177 @@
+"""Distributed scans on a real 2-worker LocalCluster (CPU): same result as one process, with a worker
+killed mid-scan, and with an input that crashes its worker every time.
+
+Workers run torch with one thread and so does the reference scan here: on a CPU, float results move
+by rounding with the thread count (not with the worker count), so equal settings give bitwise-equal output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+from distributed import WorkerPlugin
+
+from engine.distributed import SPLIT_WAYS, scan_on_cluster
+from engine.distributed_cluster import ClusterRequest, connect
+from engine.pipeline import scan
+
+SETTINGS = {"device": "cpu", "batch_size": 1, "decoder": "pillow"}
+POISON_MARK = "_poison"
+
+
+def _rows(out: Path):
+    return pq.read_table(out / "scores.parquet")
+
+
+def _maps(out: Path) -> np.ndarray:
+    return zarr.open_group(out / "maps.zarr", mode="r")["maps"][:]
+
+
+def _reference(model_dir: Path, source: Path, out: Path, shard_size: int) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (ClusterRequest torch_threads=1)
+    try:
+        scan(model_dir, source, out, shard_size=shard_size, **SETTINGS)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator:
+    # allowed_failures=1: a task is given up (and split) after 2 worker deaths, to keep the poison test short
+    with connect(ClusterRequest(workers=2, torch_threads=1, allowed_failures=1)) as dask_client:
+        yield dask_client
+
+
+@pytest.fixture(scope="module")
+def inputs(real_images: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("dist_inputs")
+    for path in real_images:
+        shutil.copyfile(path, folder / path.name)
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(scan_model_dir: Path, inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _reference(scan_model_dir, inputs, tmp_path_factory.mktemp("dist_ref") / "out", shard_size=2)
+
+
+def test_two_workers_equal_one_process_and_load_the_model_once(
+    client, scan_model_dir: Path, inputs: Path, reference: Path, tmp_path: Path
+) -> None:
+    # through --scheduler ADDRESS, as a user with a running cluster would
+    remote = ClusterRequest(scheduler=client.scheduler.address)
+    result = scan_on_cluster(scan_model_dir, inputs, tmp_path / "out", cluster=remote, shard_size=2, **SETTINGS)
+    assert set(client.run(torch.get_num_threads).values()) == {1}
+    assert result.shards == 7 and result.total == 13 and (result.counts.ok, result.counts.error) == (12, 1)
+    assert _rows(tmp_path / "out").equals(_rows(reference))  # rows, scores, order: bitwise
+    assert np.array_equal(_maps(tmp_path / "out"), _maps(reference), equal_nan=True)
+    loads = client.run(lambda: __import__("engine.distributed_worker").distributed_worker.models_loaded)
+    assert max(loads.values()) == 1, loads  # once per worker for 7 shards, not once per task
+
+
+def _markers(out: Path) -> int:
+    return len(list((out / "_done").glob("*.json"))) if (out / "_done").is_dir() else 0
+
+
+def _chunks(out: Path) -> int:
+    folder = out / "maps.zarr" / "maps" / "c"
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def test_a_worker_killed_mid_shard_changes_nothing(
+    client, scan_model_dir: Path, inputs: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    pids_before = client.run(os.getpid)
+    killed: dict = {}
+
+    def kill_one_mid_shard() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            busy = [w for w, keys in client.processing().items() if keys]
+            # a shard has written some chunks but not its marker: kill the worker of a running shard
+            if busy and _chunks(out) > 2 * _markers(out) and _markers(out) < 5:
+                killed.update(worker=busy[0], pid=pids_before[busy[0]], markers=_markers(out))
+                os.kill(pids_before[busy[0]], signal.SIGKILL)
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_one_mid_shard, daemon=True)
+    killer.start()
+    result = scan_on_cluster(scan_model_dir, inputs, out, client=client, shard_size=2, **SETTINGS)
+    killer.join()
+    assert killed, "no worker was killed: the scan finished before a shard was half written"
+    assert killed["markers"] < result.shards
+    suspicious = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.task_prefixes["vade-shard"].suspicious)
+    assert suspicious >= 1  # the scheduler saw a task lost with its worker, and reran it
+    assert _rows(out).equals(_rows(reference))
+    assert np.array_equal(_maps(out), _maps(reference), equal_nan=True)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed one
+    assert killed["pid"] not in client.run(os.getpid).values()
+
+
+class PoisonDecoder(WorkerPlugin):
+    """Test-only: in the worker process, reading a file named *_poison* ends the process, as a segfault would."""
+
+    name = "test-poison-decoder"
+
+    def setup(self, worker) -> None:
+        import engine.scan_loop as scan_loop
+
+        self.original = scan_loop.read_bytes
+
+        def read_bytes(path, *args, **kwargs):
+            if POISON_MARK in Path(path).name:
+                os._exit(70)
+            return self.original(path, *args, **kwargs)
+
+        scan_loop.read_bytes = read_bytes
+
+    def teardown(self, worker) -> None:
+        import engine.scan_loop as scan_loop
+
+        scan_loop.read_bytes = self.original
+
+
+def test_a_poison_input_becomes_one_error_row_and_the_scan_completes(
+    client, scan_model_dir: Path, real_images: list[Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in real_images[:6]:
+        shutil.copyfile(path, folder / path.name)
+    poison = folder / (real_images[1].stem + POISON_MARK + ".png")  # sorts third: inside shard 0 of 4
+    shutil.copyfile(real_images[1], poison)
+    reference = _reference(scan_model_dir, folder, tmp_path / "ref", shard_size=4)
+    messages: list[str] = []
+    client.register_plugin(PoisonDecoder(), name=PoisonDecoder.name)
+    try:
+        result = scan_on_cluster(scan_model_dir, folder, tmp_path / "out", client=client, shard_size=4, say=messages.append, **SETTINGS)
+    finally:
+        client.unregister_worker_plugin(PoisonDecoder.name)
+    rows, expected = _rows(tmp_path / "out"), _rows(reference)
+    assert (result.counts.ok, result.counts.error) == (6, 1) and rows.num_rows == 7
+    position = [Path(p).name for p in expected.column("path").to_pylist()].index(poison.name)
+    bad = rows.slice(position, 1).to_pylist()[0]
+    assert bad["path"] == str(poison) and bad["status"] == "error" and bad["index"] == -1 and bad["shard"] == 0
+    assert "worker process died" in bad["error"] and bad["score"] is None
+    keep = [i for i in range(7) if i != position]
+    assert rows.take(keep).equals(expected.take(keep))  # every other row as in a clean scan
+    maps, expected_maps = _maps(tmp_path / "out"), _maps(reference)
+    assert np.isnan(maps[position]).all() and np.array_equal(maps[keep], expected_maps[keep])
+    assert any(f"in {SPLIT_WAYS} pieces" in m for m in messages) and any(poison.name in m for m in messages)
+    assert not (tmp_path / "out" / "_parts").exists()
