@@ -50,6 +50,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _git() -> dict[str, object]:
+    import subprocess
+
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in run("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": run("rev-parse", "--short", "HEAD"), "uncommitted_changes": changed}
+
+
 def _machine() -> dict[str, object]:
     cpu = "unknown"
     try:
@@ -147,6 +160,7 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {**_machine(), "load_average_before_scan": load_before},
         "versions": _versions(),
+        "git": _git(),
         "data": {"category": args.category, "images": n, "unique_images": len(files), "repeat": args.repeat},
         "model": {"dir": str(model_dir), "fit_seconds": fit_seconds, "input_size": size},
         "settings": {"decoder": result.decoder, "batch_size": args.batch_size, "device": result.device},

@@ -152,6 +152,22 @@ def torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
+def check_decoder(name: str, device: str) -> None:
+    """Refuse a decoder that cannot run for the requested device ("auto", "cpu", "cuda[:N]")."""
+    if name not in DECODERS:
+        raise ConfigError(f"unknown decoder {name!r}; choose one of {', '.join(DECODERS)}")
+    if name == "dali" and not dali_available():
+        raise ConfigError("--decoder dali needs NVIDIA DALI (pip install nvidia-dali-cuda130); or use --decoder pillow")
+    if name == "nvjpeg":
+        if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+            raise ConfigError("--decoder nvjpeg decodes on a GPU; use --device cuda, or --decoder pillow|dali on a CPU")
+        if not torchvision_available():
+            raise ConfigError(
+                "--decoder nvjpeg needs torchvision built for this torch (pip install torchvision); "
+                "or use --decoder dali|pillow"
+            )
+
+
 def make_decoder(name: str, device: torch.device, batch_size: int = 32, threads: int = 1) -> Decoder:
     """The decoder called `name` for `device`; raises ConfigError when it cannot run here."""
     if name not in DECODERS:

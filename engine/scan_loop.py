@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from engine.decode import DEFAULT_MAX_PIXELS, ImageInfo, inspect_bytes, read_bytes, resize_batch
-from engine.decoders import Decoder, make_decoder
+from engine.decoders import Decoder, check_decoder, make_decoder
 from engine.errors import ConfigError, DecodeError
 from engine.sources import Record, Shard
 from engine.writers import ScanStore, ShardCounts, output_name, shard_rows
@@ -61,6 +61,7 @@ class ScanOptions:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check_decoder(self.decoder, self.device)  # before any output is written
 
 
 @dataclass

@@ -157,3 +157,11 @@ def test_vade_scan_command_strict_exit_code_and_summary(scan_model_dir: Path, tm
     assert "scanned 2 images: 1 ok, 1 error, " in done.stdout
     again = subprocess.run([*base, "--out", str(tmp_path / "o1"), "--resume", "--quiet"], capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "1 ok, 1 error" in again.stdout and again.stderr == ""
+
+
+def test_a_decoder_that_cannot_run_is_refused_before_any_output(
+    scan_model_dir: Path, real_images: list[Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="nvjpeg decodes on a GPU"):
+        scan(scan_model_dir, real_images[0].parent, tmp_path / "out", device="cpu", decoder="nvjpeg")
+    assert not (tmp_path / "out").exists()
