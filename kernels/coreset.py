@@ -24,7 +24,75 @@ from __future__ import annotations
 import torch
 
 from kernels._checks import check_2d, use_triton
+from kernels._triton import jit_kernel, tl
 from kernels.coreset_cpu import greedy_kcenter_pruned
+
+
+def _kcenter_step_kernel(
+    x_ptr, min_d2_ptr, centre_ptr, part_val_ptr, part_idx_ptr, n_rows, dim, stride_x,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Fold the newest pick (index at centre_ptr) into min_d2; write this block's (max, argmax)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    centre = tl.load(centre_ptr).to(tl.int64)
+    d2 = tl.zeros([BLOCK_N], tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        dk = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dk < dim
+        xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        cv = tl.load(x_ptr + centre * stride_x + dk, mask=d_ok, other=0.0)
+        diff = xv - cv[None, :]
+        d2 += tl.sum(diff * diff, axis=1)
+    old = tl.load(min_d2_ptr + rows, mask=row_ok, other=float("-inf"))
+    new = tl.minimum(old, d2)
+    new = tl.where(rows == centre, -1.0, new)  # picked: below every distance, never picked again
+    new = tl.where(row_ok, new, float("-inf"))
+    tl.store(min_d2_ptr + rows, new, mask=row_ok)
+    top, at = tl.max(new, axis=0, return_indices=True)
+    tl.store(part_val_ptr + pid, top)
+    tl.store(part_idx_ptr + pid, pid * BLOCK_N + at)
+
+
+def _kcenter_pick_kernel(part_val_ptr, part_idx_ptr, n_parts, centre_ptr, picks_ptr, top_ptr, step, BLOCK: tl.constexpr):
+    """Reduce the blocks' (max, argmax): the next pick goes to centre_ptr and picks[step + 1]."""
+    offs = tl.arange(0, BLOCK)
+    best_v = tl.max(tl.load(part_val_ptr + offs, mask=offs < n_parts, other=float("-inf")), axis=0)
+    best_i = tl.load(part_idx_ptr + tl.argmax(tl.load(part_val_ptr + offs, mask=offs < n_parts, other=float("-inf")), axis=0))
+    for p0 in range(BLOCK, n_parts, BLOCK):
+        vals = tl.load(part_val_ptr + p0 + offs, mask=p0 + offs < n_parts, other=float("-inf"))
+        top, at = tl.max(vals, axis=0, return_indices=True)
+        take = top > best_v  # strict: on ties the earlier block (lower row) wins
+        best_i = tl.where(take, tl.load(part_idx_ptr + p0 + at), best_i)
+        best_v = tl.where(take, top, best_v)
+    tl.store(centre_ptr, best_i)
+    tl.store(picks_ptr + step + 1, best_i.to(tl.int64))
+    tl.store(top_ptr + step, best_v)
+
+
+def greedy_kcenter_triton(x: torch.Tensor, n: int, start: int = 0) -> tuple[torch.Tensor, float]:
+    """Two launches per pick and no host synchronisation: the picks queue up on the GPU."""
+    step_kernel, interpreted = jit_kernel(_kcenter_step_kernel, None)
+    pick_kernel, _ = jit_kernel(_kcenter_pick_kernel, None)
+    xf = x.float().contiguous()
+    n_rows, dim = xf.shape
+    # The interpreter runs programs one after another: few, wide blocks keep CPU tests quick.
+    block_n = 64 if interpreted else 512
+    block_d = min(128, max(16, 1 << (dim - 1).bit_length()))
+    n_parts = -(-n_rows // block_n)
+    min_d2 = torch.full((n_rows,), float("inf"), device=x.device)
+    part_val = torch.empty(n_parts, dtype=torch.float32, device=x.device)
+    part_idx = torch.empty(n_parts, dtype=torch.int32, device=x.device)
+    picks = torch.empty(n + 1, dtype=torch.long, device=x.device)
+    picks[0] = start
+    centre = torch.full((1,), start, dtype=torch.int32, device=x.device)
+    tops = torch.empty(n, dtype=torch.float32, device=x.device)
+    block = 16 if interpreted else 1024
+    for step in range(n):
+        step_kernel[(n_parts,)](xf, min_d2, centre, part_val, part_idx, n_rows, dim, xf.stride(0), BLOCK_N=block_n, BLOCK_D=block_d)
+        pick_kernel[(1,)](part_val, part_idx, n_parts, centre, picks, tops, step, BLOCK=block)
+    return picks[:n], float(tops[n - 1].clamp_min(0).sqrt())
 
 # Below this many rows the pruned CPU path's tree is not worth building.
 PRUNED_MIN_ROWS = 4096
@@ -64,7 +132,7 @@ def greedy_kcenter_with_radius(
     """(indices of n rows by greedy farthest-point selection, covering radius of those rows)."""
     _check(x, n, start)
     if use_triton(backend, x):
-        raise NotImplementedError("the Triton coreset kernel is not built yet; use backend='torch'")
+        return greedy_kcenter_triton(x, n, start)
     if x.device.type == "cpu" and x.shape[0] >= PRUNED_MIN_ROWS:
         return greedy_kcenter_pruned(x, n, start)
     return _brute_force(x, n, start)
