@@ -31,7 +31,7 @@ from engine.decode import DEFAULT_MAX_PIXELS, ImageInfo, inspect_bytes, read_byt
 from engine.decoders import Decoder, check_decoder, make_decoder
 from engine.errors import ConfigError, DecodeError
 from engine.sources import Record, Shard
-from engine.writers import ScanStore, ShardCounts, output_name, shard_rows
+from engine.writers import ScanStore, ShardCounts, output_name, shard_rows, utf8_path
 
 _DONE = object()
 MODEL_BATCH = {"cpu": 8, "cuda": 64}  # images per backbone call, fixed per device type (determinism)
@@ -258,7 +258,7 @@ class ShardWriter:
         for offset, record in enumerate(loaded.records):
             i = result_of.get(offset)
             width, height = loaded.sizes.get(offset, (None, None))
-            cols["path"].append(record.path)
+            cols["path"].append(utf8_path(record.path))
             cols["index"].append(record.position if i is not None else -1)
             cols["score"].append(float(scored.scores[i]) if i is not None else None)
             cols["is_anomalous"].append(bool(scored.anomalous[i]) if i is not None else False)

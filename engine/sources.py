@@ -158,7 +158,7 @@ class ListSource(Source):
 
     def _items(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
         base = Path(self.spec).parent
-        with open(self.spec, encoding="utf-8") as lines:
+        with open(self.spec, encoding="utf-8", errors="surrogateescape") as lines:  # paths are bytes on POSIX
             for line in lines:
                 text = line.rstrip("\r\n").strip()
                 if text and not text.startswith("#"):

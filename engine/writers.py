@@ -212,6 +212,15 @@ RESUME_MUST_MATCH = (
 )  # fmt: skip
 
 
+def utf8_path(path: str) -> str:
+    """A path as Parquet can store it: bytes that are not UTF-8 (os.fsdecode's surrogates) become \\xNN."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def output_name(source_column: str) -> str:
     """The scores.parquet name of a carried source column (prefixed when it clashes with ours)."""
     return SOURCE_PREFIX + source_column if source_column in CONTRACT_SCHEMA.names else source_column

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from imagegen import broken_files, huge_jpeg, valid_files, write_files
 from engine import cli_scan
 from engine.errors import ConfigError
 from engine.pipeline import scan
+from engine.writers import utf8_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +39,8 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory, real_images: list[Pat
     write_files(folder / "broken", {name: data for name, (data, _) in broken_files().items()})
     for path in real_images[:4]:
         shutil.copyfile(path, folder / path.name)
+    with open(os.fsencode(folder / "valid") + b"/latin1_caf\xe9.png", "wb") as fh:  # a name that is not UTF-8
+        fh.write(valid_files()["plain.png"])
     return folder
 
 
@@ -49,8 +53,9 @@ def mixed_scan(scan_model_dir: Path, mixed_folder: Path, tmp_path_factory: pytes
 
 def test_every_input_gets_exactly_one_row(mixed_scan: Path, mixed_folder: Path) -> None:
     rows = _rows(mixed_scan)
-    files = sorted(str(p) for p in mixed_folder.rglob("*") if p.is_file())
+    files = sorted(utf8_path(str(p)) for p in mixed_folder.rglob("*") if p.is_file())
     assert sorted(r["path"] for r in rows) == files
+    assert {r["status"] for r in rows if r["path"].endswith("latin1_caf\\xe9.png")} == {"ok"}
     assert [r["position"] for r in rows] == list(range(len(files)))
     assert [r["shard"] for r in rows] == [p // 8 for p in range(len(files))]
 
