@@ -55,11 +55,20 @@ def exif_rotated_jpeg(width: int = 96, height: int = 64, orientation: int = 6) -
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims width x height (a decompression bomb's header) with a tiny zlib stream."""
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_rgb48(width: int = 40, height: int = 30) -> bytes:
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one, so the chunks are written here)."""
+    rows = (pattern(width, height, 10).astype(np.uint16) * 257).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 per row
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
 
 
 def valid_files() -> dict[str, bytes]:
@@ -80,6 +89,10 @@ def valid_files() -> dict[str, bytes]:
         "cmyk.jpg": encode(Image.fromarray(base).convert("CMYK"), "JPEG", quality=90),
         "grey16.png": encode(Image.fromarray(grey16), "PNG"),
         "grey16.tif": encode(Image.fromarray(grey16), "TIFF"),
+        "rgb48.png": png_rgb48(),
+        "grey_alpha.png": encode(Image.fromarray(base[:, :, 0]).convert("LA"), "PNG"),
+        "bilevel.png": encode(Image.fromarray(base[:, :, 0]).convert("1"), "PNG"),
+        "float32.tif": encode(Image.fromarray(base[:, :, 0].astype(np.float32) / 7), "TIFF"),
         "exif_rotated.jpg": exif_rotated_jpeg(),
         "tiny_1x1.png": encode(Image.fromarray(pattern(1, 1, 4)), "PNG"),
         "bitmap.bmp": encode(Image.fromarray(base), "BMP"),
