@@ -41,7 +41,8 @@ def _kcenter_step_kernel(
     for d0 in range(0, dim, BLOCK_D):
         dk = d0 + tl.arange(0, BLOCK_D)
         d_ok = dk < dim
-        xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        x_at = x_ptr + rows[:, None].to(tl.int64) * stride_x + dk[None, :]
+        xv = tl.load(x_at, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         cv = tl.load(x_ptr + centre * stride_x + dk, mask=d_ok, other=0.0)
         diff = xv - cv[None, :]
         d2 += tl.sum(diff * diff, axis=1)
@@ -55,11 +56,14 @@ def _kcenter_step_kernel(
     tl.store(part_idx_ptr + pid, pid * BLOCK_N + at)
 
 
-def _kcenter_pick_kernel(part_val_ptr, part_idx_ptr, n_parts, centre_ptr, picks_ptr, top_ptr, step, BLOCK: tl.constexpr):
+def _kcenter_pick_kernel(
+    part_val_ptr, part_idx_ptr, n_parts, centre_ptr, picks_ptr, top_ptr, step, BLOCK: tl.constexpr
+):  # fmt: skip
     """Reduce the blocks' (max, argmax): the next pick goes to centre_ptr and picks[step + 1]."""
     offs = tl.arange(0, BLOCK)
-    best_v = tl.max(tl.load(part_val_ptr + offs, mask=offs < n_parts, other=float("-inf")), axis=0)
-    best_i = tl.load(part_idx_ptr + tl.argmax(tl.load(part_val_ptr + offs, mask=offs < n_parts, other=float("-inf")), axis=0))
+    vals = tl.load(part_val_ptr + offs, mask=offs < n_parts, other=float("-inf"))
+    best_v, at = tl.max(vals, axis=0, return_indices=True)
+    best_i = tl.load(part_idx_ptr + at)
     for p0 in range(BLOCK, n_parts, BLOCK):
         vals = tl.load(part_val_ptr + p0 + offs, mask=p0 + offs < n_parts, other=float("-inf"))
         top, at = tl.max(vals, axis=0, return_indices=True)
@@ -90,7 +94,9 @@ def greedy_kcenter_triton(x: torch.Tensor, n: int, start: int = 0) -> tuple[torc
     tops = torch.empty(n, dtype=torch.float32, device=x.device)
     block = 16 if interpreted else 1024
     for step in range(n):
-        step_kernel[(n_parts,)](xf, min_d2, centre, part_val, part_idx, n_rows, dim, xf.stride(0), BLOCK_N=block_n, BLOCK_D=block_d)
+        step_kernel[(n_parts,)](
+            xf, min_d2, centre, part_val, part_idx, n_rows, dim, xf.stride(0), BLOCK_N=block_n, BLOCK_D=block_d
+        )
         pick_kernel[(1,)](part_val, part_idx, n_parts, centre, picks, tops, step, BLOCK=block)
     return picks[:n], float(tops[n - 1].clamp_min(0).sqrt())
 

@@ -155,7 +155,9 @@ class KnnIndex:
         bisector = (low_sq - own_sq) / (2 * gap.clamp_min(1e-30))
         return torch.maximum(triangle, bisector) - BOUND_TOL
 
-    def _scan(self, q: torch.Tensor, members: torch.Tensor, cell: int, best_d: torch.Tensor, best_i: torch.Tensor) -> None:
+    def _scan(
+        self, q: torch.Tensor, members: torch.Tensor, cell: int, best_d: torch.Tensor, best_i: torch.Tensor
+    ) -> None:
         """Merge cell `cell` into the running top-k of queries `members` (squared distances)."""
         lo, hi = self.offsets[cell], self.offsets[cell + 1]
         rel = q.index_select(0, members) - self.centres[cell]

@@ -39,26 +39,32 @@ def _mahalanobis_kernel(
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = b < n_batch
     x_row = x_ptr + b[:, None].to(tl.int64) * stride_xb + p * stride_xp
+    mean_row = mean_ptr + p * stride_mp
+    w_pos = w_ptr + p * stride_wp
     d2 = tl.zeros([BLOCK_B], tl.float32)
     for n0 in range(0, dim, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         c_ok = cols < dim
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-        k_start = (n0 // BLOCK_K) * BLOCK_K if TRIANGULAR else 0  # L[k, n] = 0 for k < n
+        k_start = 0
+        if TRIANGULAR:
+            k_start = (n0 // BLOCK_K) * BLOCK_K  # L[k, n] = 0 for k < n: skip those blocks
         for k0 in range(k_start, dim, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < dim
             ok = b_ok[:, None] & k_ok[None, :]
-            diff = tl.load(x_row + kk[None, :], mask=ok, other=0.0) - tl.load(mean_ptr + p * stride_mp + kk, mask=k_ok, other=0.0)[None, :]
-            diff = tl.where(ok, diff, 0.0)
-            w = tl.load(w_ptr + p * stride_wp + kk[:, None] * stride_wr + cols[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            mu = tl.load(mean_row + kk, mask=k_ok, other=0.0)
+            diff = tl.where(ok, tl.load(x_row + kk[None, :], mask=ok, other=0.0) - mu[None, :], 0.0)
+            w_ok = k_ok[:, None] & c_ok[None, :]
+            w = tl.load(w_pos + kk[:, None] * stride_wr + cols[None, :], mask=w_ok, other=0.0)
             acc = tl.dot(diff, w, acc, input_precision=PRECISION)
         if TRIANGULAR:
             d2 += tl.sum(acc * acc, axis=1)
         else:
             ok = b_ok[:, None] & c_ok[None, :]
-            diff_n = tl.load(x_row + cols[None, :], mask=ok, other=0.0) - tl.load(mean_ptr + p * stride_mp + cols, mask=c_ok, other=0.0)[None, :]
-            d2 += tl.sum(tl.where(ok, diff_n, 0.0) * acc, axis=1)
+            mu = tl.load(mean_row + cols, mask=c_ok, other=0.0)
+            diff_n = tl.where(ok, tl.load(x_row + cols[None, :], mask=ok, other=0.0) - mu[None, :], 0.0)
+            d2 += tl.sum(diff_n * acc, axis=1)
     tl.store(out_ptr + b * n_pos + p, d2, mask=b_ok)
 
 
@@ -101,7 +107,7 @@ def mahalanobis_triton(
     extra = INTERPRET_CONFIG if interpreted else {}
     kernel[grid](
         xf, mf, w, out, n_batch, n_pos, dim, xf.stride(0), xf.stride(1), mf.stride(0), w.stride(0), w.stride(1),
-        TRIANGULAR=triangular, PRECISION=mode, **extra,
+        TRIANGULAR=triangular, PRECISION="ieee" if mode == "fp32" else mode, **extra,
     )  # fmt: skip
     return out.clamp_min_(0).sqrt_()
 

@@ -73,7 +73,8 @@ def test_knn_bank_split_over_programs_merges(monkeypatch: pytest.MonkeyPatch) ->
 def test_knn_exact_mode_reranks_to_fp32() -> None:
     # Near-duplicate bank rows: the half-precision pass cannot order them, the re-rank must.
     q, bank = data(21, 30, 24, seed=2)
-    bank = torch.cat([bank, bank + 1e-3 * torch.randn(bank.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)])
+    jitter = torch.randn(bank.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    bank = torch.cat([bank, bank + 1e-3 * jitter])
     dist, idx = knn.topk_triton(q, bank, 3, precision="exact", candidate_precision="fp16")
     ref_d, ref_i = float64_topk(q, bank, 3)
     assert torch.equal(idx.cpu(), ref_i.cpu())
