@@ -131,7 +131,7 @@ class KnnIndex:
         best_d = torch.full((n_q, keep), float("inf"))
         best_i = torch.zeros((n_q, keep), dtype=torch.long)
         for cell, members in _groups(own, self.n_cells):
-            self._scan(q, members, cell, best_d, best_i)
+            self._scan(q, members, cell, best_d, best_i, first=True)
         lower = self._lower_bounds(to_centre, to_centre_err, own)
         # The k-th best so far, plus the expansion error of residual distances (|q - c| + r)^2 wide.
         own_reach = to_centre.gather(1, own[:, None])[:, 0].clamp_min(0).sqrt() + self.radii[own]
@@ -156,9 +156,11 @@ class KnnIndex:
         return torch.maximum(triangle, bisector) - BOUND_TOL
 
     def _scan(
-        self, q: torch.Tensor, members: torch.Tensor, cell: int, best_d: torch.Tensor, best_i: torch.Tensor
-    ) -> None:
-        """Merge cell `cell` into the running top-k of queries `members` (squared distances)."""
+        self, q: torch.Tensor, members: torch.Tensor, cell: int, best_d: torch.Tensor, best_i: torch.Tensor,
+        first: bool = False,
+    ) -> None:  # fmt: skip
+        """Merge cell `cell` into the running top-k of queries `members` (squared distances);
+        `first`: the members' lists are still empty, so the cell's top-k replaces them."""
         lo, hi = self.offsets[cell], self.offsets[cell + 1]
         rel = q.index_select(0, members) - self.centres[cell]
         rel_sq = rel.pow(2).sum(1, keepdim=True)
@@ -166,6 +168,10 @@ class KnnIndex:
         keep = best_d.shape[1]
         take = min(keep, hi - lo)
         d, pos = torch.topk(d2, take, dim=1, largest=False)
+        if first:
+            best_d[members, :take] = d
+            best_i[members, :take] = self.entry_ids[lo:hi][pos]
+            return
         merged_d = torch.cat([best_d.index_select(0, members), d], 1)
         merged_i = torch.cat([best_i.index_select(0, members), self.entry_ids[lo:hi][pos]], 1)
         d, pos = torch.topk(merged_d, keep, dim=1, largest=False)
