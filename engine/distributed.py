@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.distributed_worker import PackedShard, scan_piece
 from engine.errors import ConfigError
 from engine.pipeline import ScanJob, ScanOptions, ScanResult, open_scan
 from engine.progress import Progress
@@ -183,8 +184,9 @@ class _Runner:
         return self._threads
 
     def _submit(self, task: _Task, done: Any) -> None:
+        packed = PackedShard.pack(task.piece, self.job.source.extra_schema)
         future = self.client.submit(
-            _scan_piece, self.out_dir, self.model_dir, task.piece, task.split is None, self.options, task.key,
+            scan_piece, self.out_dir, self.model_dir, packed, task.split is None, self.options, task.key,
             self.topic, key=task.key, pure=False,
         )  # fmt: skip
         self.inflight[future] = task
@@ -270,13 +272,6 @@ class _Runner:
         )
         for sub in reversed(pieces):
             self.backlog.appendleft(_Task(sub, split, f"vade-piece-{self.token}-{sub.id}-{sub.start}-{sub.stop}"))
-
-
-def _scan_piece(*args: Any) -> Any:
-    """Task entry point, imported on the worker (keeps engine.distributed_worker off the driver's import path)."""
-    from engine.distributed_worker import scan_piece
-
-    return scan_piece(*args)
 
 
 def _crash_row(job: ScanJob, piece: Shard, error: Any) -> tuple[Any, ShardCounts]:

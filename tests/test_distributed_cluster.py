@@ -104,3 +104,23 @@ def test_vade_scan_workers_resumes_a_one_process_scan(scan_model_dir: Path, real
         assert got.column(name).equals(ref.column(name)), name
     # the workers may use another torch thread count than this process: equal up to float rounding
     np.testing.assert_allclose(got.column("raw_score").to_numpy(), ref.column("raw_score").to_numpy(), rtol=1e-4)
+
+
+def test_a_packed_shard_unpacks_to_the_same_records() -> None:
+    import datetime
+
+    import pyarrow as pa
+
+    from engine.distributed_worker import PackedShard
+    from engine.sources import Record, Shard
+
+    schema = pa.schema([("site", pa.string()), ("taken", pa.timestamp("us")), ("altitude", pa.float64())])
+    when = datetime.datetime(2024, 5, 1, 12, 30)
+    records = [
+        Record(8, "a b/ü.jpg", "/abs/a b/ü.jpg", {"site": "x", "taken": when, "altitude": 1.5}),
+        Record(9, "", "", {"site": None, "taken": None, "altitude": None}),
+    ]
+    shard = Shard(4, 8, records)
+    assert PackedShard.pack(shard, schema).unpack() == shard
+    plain = Shard(0, 0, [Record(0, "p.png", "p.png"), Record(1, "q.png", "/abs/q.png")])
+    assert PackedShard.pack(plain, pa.schema([])).unpack() == plain

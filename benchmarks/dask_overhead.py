@@ -1,0 +1,176 @@
+"""Dask scheduler overhead per task on this machine, and a distributed scan's fixed cost per shard.
+
+    PYTHONPATH=. python benchmarks/dask_overhead.py [--tasks 1000,5000,10000] [--workers 2]
+
+On a local cluster of `--workers` processes (one thread each, as `vade scan --workers N` makes):
+  1. bulk: N no-op tasks submitted at once (client.map) and waited for: scheduler throughput;
+  2. windowed: N no-op tasks with one in flight per worker thread, the next submitted when one
+     finishes (as_completed) - the pattern engine.distributed's driver uses; its per-task time is
+     the gap a worker sits idle between two shards;
+  3. windowed, each task carrying a 1,024-record shard as the driver ships it (PackedShard), and
+     for comparison as a Shard of Record objects (300 tasks);
+  4. a real shard task (engine.distributed_worker.scan_piece on a 64 px model) with 1 and with 16
+     images per shard: the difference gives the fixed cost per shard on the worker (open the scan,
+     start the loader and writer threads, write a Parquet part and a marker) apart from per-image work.
+Results go to benchmarks/results/dask_overhead.json with machine, date, versions, load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def noop(x: object) -> int:
+    return 0
+
+
+def _bulk(client, n: int) -> float:
+    from distributed import wait
+
+    t0 = time.perf_counter()
+    futures = client.map(noop, range(n), pure=False)
+    wait(futures)
+    seconds = time.perf_counter() - t0
+    del futures
+    return seconds
+
+
+def _windowed(client, n: int, payload: object = None) -> float:
+    from distributed import as_completed
+
+    window = sum(client.nthreads().values())
+    t0 = time.perf_counter()
+    done = as_completed()
+    submitted = 0
+    while submitted < min(window, n):
+        done.add(client.submit(noop, payload, pure=False))
+        submitted += 1
+    for future in done:
+        future.release()
+        if submitted < n:
+            done.add(client.submit(noop, payload, pure=False))
+            submitted += 1
+    return time.perf_counter() - t0
+
+
+def _shard_payload(size: int, packed: bool = True):
+    """A shard of `size` records with archive-like paths, as the driver ships it (packed) or as Record objects."""
+    import pyarrow as pa
+
+    from engine.distributed_worker import PackedShard
+    from engine.sources import Record, Shard
+
+    base = "/data/archive/2024/site-0042/camera-07/frame_"
+    shard = Shard(7, 7 * size, [Record(7 * size + i, f"{base}{i:08d}.jpg", f"{base}{i:08d}.jpg") for i in range(size)])
+    return PackedShard.pack(shard, pa.schema([])) if packed else shard
+
+
+def _real_shard_cost(client, work: Path) -> dict:
+    """Seconds per real shard task at 1 and 16 images (64 px model), median of repeats; fixed = t1 - (t16 - t1)/15."""
+    from engine.api import fit
+    from engine.config import FitConfig
+    from engine.datasets import list_images
+    from engine.distributed import _absolute
+    from engine.distributed_worker import PackedShard, scan_piece
+    from engine.pipeline import ScanOptions, open_scan
+    from engine.sources import iter_shards
+
+    bottle = REPO / ".." / "shared" / "data" / "mvtec_bottle" / "bottle"
+    images = list_images(bottle / "test" / "good")[:16]
+    fit(list_images(bottle / "train" / "good")[:14], FitConfig(input_size=64, coreset_ratio=0.1, device="cpu")).save(work / "m")
+    listing = work / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in images * 8))
+    out = {}
+    for size in (1, 16):
+        options = ScanOptions(device="cpu", shard_size=size, batch_size=16)
+        job = open_scan(work / "m", listing, work / f"scan{size}", options)
+        shards = [_absolute(s) for s in iter_shards(job.source, size)][: 16 if size == 1 else 8]
+        args = (str(work / f"scan{size}"), str(work / "m"))
+        shards = [PackedShard.pack(s, job.source.extra_schema) for s in shards]
+        client.submit(scan_piece, *args, shards[0], True, options, "warm", None, pure=False).result()  # model load
+        times = []
+        for shard in shards[1:]:
+            t0 = time.perf_counter()
+            client.submit(scan_piece, *args, shard, True, options, f"s{size}-{shard.id}", None, pure=False).result()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        out[size] = times[len(times) // 2]
+    per_image = (out[16] - out[1]) / 15
+    return {
+        "median_seconds_per_task_1_image": round(out[1], 4),
+        "median_seconds_per_task_16_images": round(out[16], 4),
+        "per_image_seconds": round(per_image, 4),
+        "fixed_seconds_per_shard": round(out[1] - per_image, 4),
+        "note": "one task at a time (no overlap between shards); 64 px PatchCore on CPU, Pillow decoder",
+    }
+
+
+def main() -> int:
+    from benchmarks._env import write_result
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="1000,5000,10000")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-real-shard", action="store_true", help="skip part 4 (needs ../shared/data)")
+    args = parser.parse_args()
+    from engine.distributed_cluster import ClusterRequest, connect
+
+    counts = [int(n) for n in args.tasks.split(",")]
+    load_before = list(os.getloadavg())
+    results: dict = {"bulk": {}, "windowed": {}, "windowed_with_1024_record_shard": {}}
+    work = Path(tempfile.mkdtemp(prefix="vade_dask_overhead_"))
+    t0 = time.perf_counter()
+    with connect(ClusterRequest(workers=args.workers)) as client:
+        startup = time.perf_counter() - t0
+        client.submit(noop, 0, pure=False).result()  # warm
+        payload, unpacked = _shard_payload(1024), _shard_payload(1024, packed=False)
+        import pickle
+
+        payload_bytes = {"packed": len(pickle.dumps(payload)), "record_objects": len(pickle.dumps(unpacked))}
+        results["windowed_with_1024_record_objects"] = {}
+        for n in counts:
+            for name, run in (
+                ("bulk", lambda: _bulk(client, n)),
+                ("windowed", lambda: _windowed(client, n)),
+                ("windowed_with_1024_record_shard", lambda: _windowed(client, min(n, 2000), payload)),
+                ("windowed_with_1024_record_objects", lambda: _windowed(client, min(n, 300), unpacked)),
+            ):
+                tasks = min(n, 2000 if name.endswith("_shard") else 300) if name.startswith("windowed_with") else n
+                seconds = run()
+                results[name][str(tasks)] = {
+                    "seconds": round(seconds, 3),
+                    "ms_per_task": round(seconds / tasks * 1e3, 3),
+                    "tasks_per_second": round(tasks / seconds, 1),
+                    "load_average_1min": round(os.getloadavg()[0], 2),
+                }
+                print(name, tasks, results[name][str(tasks)], flush=True)
+        if not args.no_real_shard:
+            results["real_shard_task"] = _real_shard_cost(client, work)
+            print("real shard", results["real_shard_task"], flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    path = write_result(
+        "dask_overhead.json",
+        {
+            "benchmark": "dask_overhead",
+            "cluster": {"workers": args.workers, "threads_per_worker": 1, "startup_seconds": round(startup, 2)},
+            "load_average_before": load_before,
+            "load_average_after": list(os.getloadavg()),
+            "shard_payload_pickled_bytes_1024_records": payload_bytes,
+            "results": results,
+        },
+    )
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
