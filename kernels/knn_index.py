@@ -14,7 +14,8 @@ r_j. For a query q whose nearest centre is c_a, every entry e of cell j satisfie
 
 Search: (1) distances of all queries to all centres (one GEMM); (2) scan each query's own cell,
 which gives an upper bound u = the k-th best distance so far; (3) scan only cells whose lower
-bound is below u. Scans are batched per cell: the queries that need cell j form one GEMM with
+bound is below u; a query far from the whole bank, whose bounds leave over DENSE_FRACTION of the
+cells, is instead searched by one dense GEMM over the bank (no worse than brute force). Scans are batched per cell: the queries that need cell j form one GEMM with
 cell j's entries. Distances are computed on residuals from the cell centre,
 
     ||q - e||^2 = ||q - c_j||^2 + ||e - c_j||^2 - 2 (q - c_j).(e - c_j)
@@ -42,6 +43,8 @@ BOUND_TOL = 1e-4
 MIN_QUERIES_FOR_CELLS = 512
 # torch threads for build and search (see kernels/_threads.py).
 INDEX_THREADS = 1
+# A query whose bounds leave more than this fraction of the cells to scan is searched densely.
+DENSE_FRACTION = 0.2
 # Candidates beyond k kept before the exact re-rank: a guard against expansion rounding.
 RERANK_EXTRA = 2
 
@@ -109,10 +112,14 @@ class KnnIndex:
     def _search_all(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Few queries (the k = 9 reweighting): one GEMM over the bank keeps k + RERANK_EXTRA
         candidates, then their distances are recomputed directly as sum((q - e)^2)."""
+        cand = self._dense_candidates(q, min(k + RERANK_EXTRA, self.bank.shape[0]))[1]
+        return self._rerank(q, cand, k)
+
+    def _dense_candidates(self, q: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(approximate squared distances, indices) of the `keep` best over the whole bank."""
         qc = q - self.mean
         d2 = torch.addmm(qc.pow(2).sum(1, keepdim=True) + self.bank_c_sq, qc, self.bank_c.T, alpha=-2.0)
-        cand = torch.topk(d2, min(k + RERANK_EXTRA, d2.shape[1]), dim=1, largest=False).indices
-        return self._rerank(q, cand, k)
+        return torch.topk(d2, keep, dim=1, largest=False)
 
     def _rerank(self, q: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact distances sum((q - e)^2) of the candidates, the k best ascending."""
@@ -139,6 +146,12 @@ class KnnIndex:
         upper = (best_d[:, k - 1] + slack).clamp_min(0).sqrt() * (1 + BOUND_TOL) + BOUND_TOL
         need = lower < upper[:, None]
         need[torch.arange(n_q), own] = False
+        # Queries far from the whole bank (bounds prune little) go to one dense GEMM instead.
+        dense = need.sum(1) > DENSE_FRACTION * self.n_cells
+        if bool(dense.any()):
+            rows = dense.nonzero().squeeze(1)
+            best_d[rows], best_i[rows] = self._dense_candidates(q[rows], keep)
+            need[rows] = False
         pairs = need.nonzero()  # (query, cell), query-major
         cells = pairs[:, 1]
         order = torch.argsort(cells, stable=True)

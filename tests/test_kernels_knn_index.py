@@ -92,3 +92,17 @@ def test_bad_arguments_are_refused(index: KnnIndex) -> None:
         index.search(torch.zeros(3, 36), 1)
     with pytest.raises(ValueError, match="empty"):
         KnnIndex.build(torch.zeros(0, 4))
+
+
+@pytest.mark.parametrize("dense_fraction", [0.0, 1.0])  # every query dense / never dense
+def test_dense_fallback_and_pure_cell_scans_agree(
+    index: KnnIndex, bank: torch.Tensor, monkeypatch: pytest.MonkeyPatch, dense_fraction: float
+) -> None:
+    import kernels.knn_index as knn_index
+
+    monkeypatch.setattr(knn_index, "DENSE_FRACTION", dense_fraction)
+    queries = near_and_far_queries(bank, MIN_QUERIES_FOR_CELLS + 50, seed=9)
+    dist, idx = index.search(queries, 3)
+    ref_d, ref_i = float64_topk(queries, bank, 3)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-5)
