@@ -10,7 +10,8 @@ not included) with the default scan settings. Reports:
     decode and write overlap the model, so the loop time is close to features + scoring when the
     pipeline adds little;
   - decode-only images/s per decoder on the same files, one thread, for scale.
-The machine's load average is recorded: on a shared machine, numbers move with it.
+The machine's load average is recorded: on a shared machine, wall-clock numbers move with it; the
+process's CPU seconds per image do not, and give an estimate for an idle machine (CPU s / cores).
 """
 
 from __future__ import annotations
@@ -50,17 +51,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads (user + system): what the scan consumed, whatever the load."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _git() -> dict[str, object]:
     import subprocess
 
     def run(*cmd: str) -> str:
         try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
     changed = [line[3:] for line in run("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": run("rev-parse", "--short", "HEAD"), "uncommitted_changes": changed}
+    return {"commit": run("rev-parse", "--short", "HEAD").strip(), "uncommitted_changes": changed}
 
 
 def _machine() -> dict[str, object]:
@@ -141,11 +150,14 @@ def main() -> int:
     listing.write_text("".join(f"{p}\n" for p in files) * args.repeat, encoding="utf-8")
     load_before = list(os.getloadavg())
 
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     result = scan(
         model_dir, listing, work / "scan", device="cpu", decoder=args.decoder, batch_size=args.batch_size
     )
     wall = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
+    load_after = list(os.getloadavg())
     times = result.times
     stage = times.as_dict()
     n = result.total
@@ -158,7 +170,7 @@ def main() -> int:
         "benchmark": "scan_cpu",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {**_machine(), "load_average_before_scan": load_before},
+        "machine": {**_machine(), "load_average_before_scan": load_before, "load_average_after_scan": load_after},
         "versions": _versions(),
         "git": _git(),
         "data": {"category": args.category, "images": n, "unique_images": len(files), "repeat": args.repeat},
@@ -170,6 +182,11 @@ def main() -> int:
             "error": result.counts.error,
             "wall_seconds": round(wall, 3),
             "images_per_second_end_to_end": round(n / wall, 2),
+            # CPU time this process used (all threads), independent of other processes' load; on an
+            # otherwise idle machine wall time approaches cpu_seconds / cores when the work parallelises
+            "cpu_seconds": round(cpu, 2),
+            "cpu_ms_per_image": round(cpu / n * 1e3, 1),
+            "idle_machine_estimate_images_per_second": round(n / (cpu / (os.cpu_count() or 1)), 2),
             "seconds_per_stage": stage,
             "ms_per_image_per_stage": {k: round(v / n * 1e3, 2) for k, v in stage.items() if k != "images"},
             "model_ms_per_image": round((times.features + times.scoring) / n * 1e3, 2),
