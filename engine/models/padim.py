@@ -17,6 +17,7 @@ from engine.blur import grid_to_map
 from engine.features import padim_embedding
 from engine.models.base import AnomalyModel, ScoreOutput
 from kernels import mahalanobis
+from kernels._threads import torch_threads
 
 
 class PaDiM(AnomalyModel):
@@ -25,7 +26,6 @@ class PaDiM(AnomalyModel):
     mean: torch.Tensor  # (P, D)
     precision: torch.Tensor  # (P, D, D)
     channel_idx: torch.Tensor  # (D,) int64
-    grid: tuple[int, int]
 
     def _choose_channels(self) -> torch.Tensor:
         total = sum(self.extractor.channels)
@@ -39,11 +39,11 @@ class PaDiM(AnomalyModel):
         total = sums = outer = None
         count = 0
         for fmaps in batches:
-            emb = padim_embedding(fmaps, self.channel_idx).double()  # (B, D, H, W)
+            emb = padim_embedding(fmaps, self.channel_idx)  # (B, D, H, W)
             b, d, h, w = emb.shape
-            x = emb.reshape(b, d, h * w).permute(2, 0, 1)  # (P, B, D)
+            # (P, B, D) contiguous: batched GEMMs on strided views take a path ~20x slower
+            x = emb.permute(2, 3, 0, 1).reshape(h * w, b, d).double().contiguous()
             if total is None:
-                self.grid = (h, w)
                 sums = torch.zeros((h * w, d), dtype=torch.float64, device=emb.device)
                 outer = torch.zeros((h * w, d, d), dtype=torch.float64, device=emb.device)
                 total = True
@@ -56,8 +56,10 @@ class PaDiM(AnomalyModel):
         cov = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1)
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         cov += self.cfg.covariance_eps * eye
-        chol = torch.linalg.cholesky(cov)
-        precision = torch.cholesky_inverse(chol)
+        # Thousands of small factorisations: one thread each is ~20x faster than LAPACK's threads
+        # fighting over the cores (measured: 4,096 x 176 x 176 in 15 s instead of 200 s).
+        with torch_threads(1):
+            precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))
         self._set_stats(mean.float(), precision.float())
         self.fit_stats.update(
             training_images=count,
@@ -73,7 +75,7 @@ class PaDiM(AnomalyModel):
     def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
         emb = padim_embedding(feature_maps, self.channel_idx).float()
         b, d, h, w = emb.shape
-        x = emb.reshape(b, d, h * w).transpose(1, 2)  # (B, P, D)
+        x = emb.permute(0, 2, 3, 1).reshape(b, h * w, d).contiguous()  # (B, P, D)
         dist = mahalanobis.mahalanobis(x, self.mean, self.precision)
         maps = grid_to_map(dist.view(b, h, w), self.input_size, self.cfg.blur_sigma)
         return ScoreOutput(maps.amax(dim=(1, 2)).float(), maps.float())

@@ -18,6 +18,7 @@ from engine.blur import grid_to_map
 from engine.features import patchcore_embedding, to_rows
 from engine.models.base import AnomalyModel, ScoreOutput
 from kernels import coreset, knn
+from kernels.knn_index import KnnIndex
 
 # Above this many bytes of float32 training embeddings, they are kept in float16 during the fit.
 EMBEDDING_FP32_BUDGET = 2 * 1024**3
@@ -70,10 +71,16 @@ class PatchCore(AnomalyModel):
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.bank = bank.contiguous().to(self.device)
-        self.bank_sq_norms = knn.sq_norms(self.bank)
+        self.bank_sq_norms = knn.sq_norms(self.bank)  # once per bank, not per query batch
+        self._index: KnnIndex | None = None
 
     def nearest(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return knn.topk(rows, self.bank, k, bank_sq_norms=self.bank_sq_norms)
+        """Exact k nearest bank rows: the fused kernel on CUDA, a pruned cell index on CPUs."""
+        if self.device.type == "cuda":
+            return knn.topk(rows, self.bank, k, bank_sq_norms=self.bank_sq_norms)
+        if self._index is None:
+            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed)
+        return self._index.search(rows, k)
 
     def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
         emb = patchcore_embedding(feature_maps).float()
