@@ -9,9 +9,12 @@ On a local cluster of `--workers` processes (one thread each, as `vade scan --wo
      the gap a worker sits idle between two shards;
   3. windowed, each task carrying a 1,024-record shard as the driver ships it (PackedShard), and
      for comparison as a Shard of Record objects (300 tasks);
-  4. a real shard task (engine.distributed_worker.scan_piece on a 64 px model) with 1 and with 16
-     images per shard: the difference gives the fixed cost per shard on the worker (open the scan,
-     start the loader and writer threads, write a Parquet part and a marker) apart from per-image work.
+  4. a real shard task (engine.distributed_worker.scan_piece on a 64 px model) with 8 and with 32
+     images per shard: the difference gives the fixed cost per shard (scheduler round trip, open the
+     scan, build the decoder, start and drain the loader/writer threads, write a Parquet part and a
+     marker) apart from per-image work;
+  5. the driver's own work for a huge scan: plan a 1,000,000-row Parquet manifest, cut it into
+     1,024-image shards and pack each one, with peak memory (the plan is streamed, never held).
 Results go to benchmarks/results/dask_overhead.json with machine, date, versions, load average.
 """
 
@@ -74,8 +77,12 @@ def _shard_payload(size: int, packed: bool = True):
     return PackedShard.pack(shard, pa.schema([])) if packed else shard
 
 
-def _real_shard_cost(client, work: Path) -> dict:
-    """Seconds per real shard task at 1 and 16 images (64 px model), median of repeats; fixed = t1 - (t16 - t1)/15."""
+def _real_shard_cost(client, work: Path, small: int = 8, large: int = 32, repeats: int = 7) -> dict:
+    """Median seconds per real shard task of `small` and `large` images (64 px model, default decoder).
+
+    Both sizes are whole micro-batches (8 images on CPU), so the difference is per-image work and
+    fixed = t_small - small * (t_large - t_small) / (large - small) is what a shard costs beyond its images.
+    """
     from engine.api import fit
     from engine.config import FitConfig
     from engine.datasets import list_images
@@ -88,30 +95,65 @@ def _real_shard_cost(client, work: Path) -> dict:
     images = list_images(bottle / "test" / "good")[:16]
     fit(list_images(bottle / "train" / "good")[:14], FitConfig(input_size=64, coreset_ratio=0.1, device="cpu")).save(work / "m")
     listing = work / "list.txt"
-    listing.write_text("".join(f"{p}\n" for p in images * 8))
-    out = {}
-    for size in (1, 16):
-        options = ScanOptions(device="cpu", shard_size=size, batch_size=16)
+    listing.write_text("".join(f"{p}\n" for p in images * (large * (repeats + 1) // len(images) + 1)))
+    seconds = {}
+    for size in (small, large):
+        options = ScanOptions(device="cpu", shard_size=size, batch_size=8)
         job = open_scan(work / "m", listing, work / f"scan{size}", options)
-        shards = [_absolute(s) for s in iter_shards(job.source, size)][: 16 if size == 1 else 8]
+        shards = [PackedShard.pack(_absolute(s), job.source.extra_schema) for s in iter_shards(job.source, size)]
         args = (str(work / f"scan{size}"), str(work / "m"))
-        shards = [PackedShard.pack(s, job.source.extra_schema) for s in shards]
         client.submit(scan_piece, *args, shards[0], True, options, "warm", None, pure=False).result()  # model load
         times = []
-        for shard in shards[1:]:
+        for shard in shards[1 : repeats + 1]:
             t0 = time.perf_counter()
             client.submit(scan_piece, *args, shard, True, options, f"s{size}-{shard.id}", None, pure=False).result()
             times.append(time.perf_counter() - t0)
-        times.sort()
-        out[size] = times[len(times) // 2]
-    per_image = (out[16] - out[1]) / 15
+        seconds[size] = sorted(times)[len(times) // 2]
+        decoder = client.submit(lambda: __import__("engine.decoders").decoders.make_decoder("auto", __import__("torch").device("cpu")).name).result()
+    per_image = (seconds[large] - seconds[small]) / (large - small)
     return {
-        "median_seconds_per_task_1_image": round(out[1], 4),
-        "median_seconds_per_task_16_images": round(out[16], 4),
+        f"median_seconds_per_task_{small}_images": round(seconds[small], 4),
+        f"median_seconds_per_task_{large}_images": round(seconds[large], 4),
         "per_image_seconds": round(per_image, 4),
-        "fixed_seconds_per_shard": round(out[1] - per_image, 4),
-        "note": "one task at a time (no overlap between shards); 64 px PatchCore on CPU, Pillow decoder",
+        "fixed_seconds_per_shard": round(seconds[small] - small * per_image, 4),
+        "decoder": decoder,
+        "note": "one task at a time, submit to result (scheduler round trip included); 64 px PatchCore on CPU",
     }
+
+
+def _driver_plan_cost(work: Path, rows: int, shard_size: int = 1024) -> dict:
+    """The driver's side of a huge scan: plan a `rows`-line Parquet manifest, cut it into shards and pack
+    each as the driver ships it; seconds and peak Python memory (tracemalloc) of each pass."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.distributed import _absolute
+    from engine.distributed_worker import PackedShard
+    from engine.sources import iter_shards, open_source, plan
+
+    manifest = work / "manifest.parquet"
+    base = "archive/2024/site-0042/camera-07/frame_"
+    pq.write_table(pa.table({"path": [f"{base}{i:09d}.jpg" for i in range(rows)], "site": ["s42"] * rows}), manifest)
+    source = open_source(manifest)
+    out = {"rows": rows, "shard_size": shard_size}
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    count = plan(source).count
+    out["plan_seconds"] = round(time.perf_counter() - t0, 2)
+    out["plan_peak_mib"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    largest = 0
+    for shard in iter_shards(source, shard_size):
+        largest = max(largest, len(PackedShard.pack(_absolute(shard), source.extra_schema).blob))
+    out["cut_and_pack_seconds"] = round(time.perf_counter() - t0, 2)
+    out["cut_and_pack_peak_mib"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+    out["packed_shard_bytes"] = largest
+    out["ms_per_shard_cut_and_pack"] = round((time.perf_counter() - t0) / (count / shard_size) * 1e3, 3)
+    tracemalloc.stop()
+    return out
 
 
 def main() -> int:
@@ -121,6 +163,7 @@ def main() -> int:
     parser.add_argument("--tasks", default="1000,5000,10000")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-real-shard", action="store_true", help="skip part 4 (needs ../shared/data)")
+    parser.add_argument("--manifest-rows", type=int, default=1_000_000, help="part 5: driver plan of a manifest this long")
     args = parser.parse_args()
     from engine.distributed_cluster import ClusterRequest, connect
 
@@ -156,6 +199,9 @@ def main() -> int:
         if not args.no_real_shard:
             results["real_shard_task"] = _real_shard_cost(client, work)
             print("real shard", results["real_shard_task"], flush=True)
+    if args.manifest_rows:
+        results["driver_plan"] = _driver_plan_cost(work, args.manifest_rows)
+        print("driver plan", results["driver_plan"], flush=True)
     shutil.rmtree(work, ignore_errors=True)
     path = write_result(
         "dask_overhead.json",

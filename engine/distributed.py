@@ -148,6 +148,8 @@ class _Tally:
 
 def _absolute(shard: Shard) -> Shard:
     """The shard with files the workers can open from any working directory (`path` kept as given)."""
+    if all(os.path.isabs(r.file) or not r.file for r in shard.records):
+        return shard
     records = [Record(r.position, r.path, os.path.abspath(r.file) if r.file else r.file, r.extra) for r in shard.records]
     return Shard(shard.id, shard.start, records)
 
@@ -248,6 +250,7 @@ class _Runner:
         from distributed import KilledWorker
 
         self.tally.forget(task.key)
+        self._threads_at = 0.0  # a worker died or failed: re-read the cluster's size before submitting again
         if not isinstance(error, KilledWorker):
             if isinstance(error, (ImportError, AttributeError)):
                 raise ConfigError(

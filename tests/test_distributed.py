@@ -175,3 +175,17 @@ def test_a_poison_input_becomes_one_error_row_and_the_scan_completes(
     assert np.isnan(maps[position]).all() and np.array_equal(maps[keep], expected_maps[keep])
     assert any(f"in {SPLIT_WAYS} pieces" in m for m in messages) and any(poison.name in m for m in messages)
     assert not (tmp_path / "out" / "_parts").exists()
+
+
+def test_manifest_columns_travel_to_the_workers(client, scan_model_dir: Path, real_images: list[Path], tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    manifest = tmp_path / "inputs.parquet"
+    paths = [str(real_images[0]), "missing.png", real_images[2].name]  # relative: opened beside the manifest
+    shutil.copyfile(real_images[2], tmp_path / real_images[2].name)
+    pq.write_table(pa.table({"path": paths, "site": ["a", "b", None], "taken": pa.array([1, 2, 3], pa.int64())}), manifest)
+    reference = _reference(scan_model_dir, manifest, tmp_path / "ref", shard_size=2)
+    scan_on_cluster(scan_model_dir, manifest, tmp_path / "out", client=client, shard_size=2, **SETTINGS)
+    rows = _rows(tmp_path / "out")
+    assert rows.equals(_rows(reference))
+    assert rows.column("site").to_pylist() == ["a", "b", None] and rows.column("status").to_pylist() == ["ok", "error", "ok"]
