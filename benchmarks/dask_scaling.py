@@ -5,8 +5,8 @@
 Fits the default model (PatchCore, efficientnet_lite0, 256 px) on bottle train/good unless --model is
 given, lists the first --images bottle images (train then test), and scans them:
   - in one process (engine.pipeline.scan, torch on all cores) for reference;
-  - on local clusters of (workers x torch threads per worker): 1x1, 2x1 (= `--workers 2` here) and
-    1x2 (= `--workers 1` here). Cluster start-up is timed apart; images/s is the scan itself.
+  - on local clusters of (workers x torch threads per worker): 1x1 (= `--workers 1`), 2x1
+    (= `--workers 2`) and 1x2 (API torch_threads=2). Cluster start-up is timed apart; images/s is the scan itself.
 Every configuration runs --rounds times, interleaved, since other work on the machine moves the
 numbers; CPU seconds of the scanning processes are recorded too (images per CPU-second does not
 depend on how much of the machine others take).

@@ -5,8 +5,8 @@
     with connect(ClusterRequest(scheduler="tcp://host:8786")) as client: ...   # workers started elsewhere
 
 Local workers are Nanny-supervised processes (a worker that dies is restarted) with one task thread
-each: a shard uses one process's whole share of the machine, and when a worker dies only the shard it
-was running is suspect (see engine.distributed). Without dask-cuda, each GPU worker is pinned by
+each, so when a worker dies only the shard it was running is suspect (see engine.distributed). CPU
+workers run torch with one thread (start as many workers as cores); GPU workers share the cores. Without dask-cuda, each GPU worker is pinned by
 CUDA_VISIBLE_DEVICES=<its GPU> in its environment from the start, so it sees its GPU as cuda:0 and no
 other; with dask-cuda installed its LocalCUDACluster does the same pinning.
 """
@@ -28,6 +28,10 @@ from engine.errors import ConfigError
 
 NANNY_ENV, MALLOC_TRIM = "distributed.nanny.pre-spawn-environ", "MALLOC_TRIM_THRESHOLD_"
 LOCAL_ALLOWED_FAILURES = 2  # worker deaths one task may cause on a local cluster before it is split
+# --workers N: one torch thread per worker process (use N = cores). torch's CPU sums depend on the thread
+# count, so this keeps results bitwise the same for any N; and two-thread workers ran at half the speed
+# of one-thread ones on a loaded 2-core machine (benchmarks/results/dask_scaling.json).
+CPU_WORKER_THREADS = 1
 CONNECT_TIMEOUT_S = 30
 
 
@@ -38,7 +42,7 @@ class ClusterRequest:
     workers: int | None = None
     gpus: str | None = None
     scheduler: str | None = None
-    torch_threads: int | None = None  # per local worker; default: CPU cores // workers (at least 1)
+    torch_threads: int | None = None  # per local worker; default 1 for --workers, cores // GPUs for --gpus
     allowed_failures: int = LOCAL_ALLOWED_FAILURES
     quiet_logs: bool = True  # keep Dask's own log lines (worker restarts...) off the terminal
     connect_timeout_s: float = CONNECT_TIMEOUT_S  # --scheduler: how long to keep trying to reach it
@@ -198,7 +202,7 @@ def connect(request: ClusterRequest) -> Iterator[Client]:
     else:
         gpu_ids = _gpu_ids(request.gpus) if request.gpus is not None else None
         count = len(gpu_ids) if gpu_ids else int(request.workers or 1)
-        threads = request.torch_threads or default_torch_threads(count)
+        threads = request.torch_threads or (default_torch_threads(count) if gpu_ids else CPU_WORKER_THREADS)
         if gpu_ids:
             cluster = _cuda_cluster(gpu_ids, request) or _local_cluster(pinned_envs(gpu_ids), request, threads)
         else:
