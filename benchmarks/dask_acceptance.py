@@ -104,7 +104,9 @@ def main() -> int:
         "workers_2_one_killed_vs_workers_1": _same(work / "w2k", work / "w1"),
     }
     print(comparison)
-    path = write_result("dask_acceptance.json", {"benchmark": "dask_acceptance", "runs": runs, "comparison": comparison})
+    path = write_result(
+        "dask_acceptance.json", {"benchmark": "dask_acceptance", "runs": runs, "comparison": comparison}
+    )
     print(f"written: {path} (outputs in {work})")
     return 0
 

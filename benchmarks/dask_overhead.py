@@ -93,7 +93,9 @@ def _real_shard_cost(client, work: Path, small: int = 8, large: int = 32, repeat
 
     bottle = REPO / ".." / "shared" / "data" / "mvtec_bottle" / "bottle"
     images = list_images(bottle / "test" / "good")[:16]
-    fit(list_images(bottle / "train" / "good")[:14], FitConfig(input_size=64, coreset_ratio=0.1, device="cpu")).save(work / "m")
+    fit(list_images(bottle / "train" / "good")[:14], FitConfig(input_size=64, coreset_ratio=0.1, device="cpu")).save(
+        work / "m"
+    )
     listing = work / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in images * (large * (repeats + 1) // len(images) + 1)))
     seconds = {}
@@ -109,7 +111,9 @@ def _real_shard_cost(client, work: Path, small: int = 8, large: int = 32, repeat
             client.submit(scan_piece, *args, shard, True, options, f"s{size}-{shard.id}", None, pure=False).result()
             times.append(time.perf_counter() - t0)
         seconds[size] = sorted(times)[len(times) // 2]
-        decoder = client.submit(lambda: __import__("engine.decoders").decoders.make_decoder("auto", __import__("torch").device("cpu")).name).result()
+        decoder = client.submit(
+            lambda: __import__("engine.decoders").decoders.make_decoder("auto", __import__("torch").device("cpu")).name
+        ).result()
     per_image = (seconds[large] - seconds[small]) / (large - small)
     return {
         f"median_seconds_per_task_{small}_images": round(seconds[small], 4),
@@ -176,7 +180,9 @@ def main() -> int:
     parser.add_argument("--tasks", default="1000,5000,10000")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-real-shard", action="store_true", help="skip part 4 (needs ../shared/data)")
-    parser.add_argument("--manifest-rows", type=int, default=1_000_000, help="part 5: driver plan of a manifest this long")
+    parser.add_argument(
+        "--manifest-rows", type=int, default=1_000_000, help="part 5: driver plan of a manifest this long"
+    )
     args = parser.parse_args()
     from engine.distributed_cluster import ClusterRequest, connect
 
@@ -194,14 +200,13 @@ def main() -> int:
         payload_bytes = {"packed": len(pickle.dumps(payload)), "record_objects": len(pickle.dumps(unpacked))}
         results["windowed_with_1024_record_objects"] = {}
         for n in counts:
-            for name, run in (
-                ("bulk", lambda: _bulk(client, n)),
-                ("windowed", lambda: _windowed(client, n)),
-                ("windowed_with_1024_record_shard", lambda: _windowed(client, min(n, 2000), payload)),
-                ("windowed_with_1024_record_objects", lambda: _windowed(client, min(n, 300), unpacked)),
+            for name, tasks, run in (
+                ("bulk", n, lambda tasks: _bulk(client, tasks)),
+                ("windowed", n, lambda tasks: _windowed(client, tasks)),
+                ("windowed_with_1024_record_shard", min(n, 2000), lambda tasks: _windowed(client, tasks, payload)),
+                ("windowed_with_1024_record_objects", min(n, 300), lambda tasks: _windowed(client, tasks, unpacked)),
             ):
-                tasks = min(n, 2000 if name.endswith("_shard") else 300) if name.startswith("windowed_with") else n
-                seconds = run()
+                seconds = run(tasks)
                 results[name][str(tasks)] = {
                     "seconds": round(seconds, 3),
                     "ms_per_task": round(seconds / tasks * 1e3, 3),

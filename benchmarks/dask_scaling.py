@@ -53,7 +53,9 @@ def _compare(a: Path, b: Path) -> dict:
         ),
         "max_abs_raw_score_diff": float(np.max(np.abs(raw_a - raw_b))),
         "max_rel_raw_score_diff": float(np.max(np.abs(raw_a - raw_b) / np.maximum(np.abs(raw_a), 1e-12))),
-        "max_abs_map_diff": float(np.max(np.abs(maps_a[finite].astype(np.float32) - maps_b[finite].astype(np.float32)))),
+        "max_abs_map_diff": float(
+            np.max(np.abs(maps_a[finite].astype(np.float32) - maps_b[finite].astype(np.float32)))
+        ),
     }
 
 
@@ -134,7 +136,9 @@ def main() -> int:
                 "cluster_start_seconds": round(startup, 2),
                 "scan_seconds": round(seconds, 2),
                 "cpu_seconds": round(cpu, 2),
-                "worker_seconds_per_stage_summed": {k: round(getattr(times, k), 2) for k in ("decode", "features", "scoring", "write")},
+                "worker_seconds_per_stage_summed": {
+                    k: round(getattr(times, k), 2) for k in ("decode", "features", "scoring", "write")
+                },
                 "ok": result.counts.ok,
                 "error": result.counts.error,
                 "decoder": result.decoder,
@@ -165,7 +169,9 @@ def main() -> int:
             },
             "runs": runs,
             "median_images_per_second": {name: median_rate(name) for name in runs},
-            "speedup_2x1_over_1x1": round(median_rate("2x1") / median_rate("1x1"), 3) if {"1x1", "2x1"} <= set(runs) else None,
+            "speedup_2x1_over_1x1": round(median_rate("2x1") / median_rate("1x1"), 3)
+            if {"1x1", "2x1"} <= set(runs)
+            else None,
             "agreement": agreement,
         },
     )

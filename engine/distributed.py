@@ -1,6 +1,7 @@
 """Distributed scans: the shards of a scan run as Dask tasks over processes, GPUs and machines.
 
     result = scan_on_cluster(model_dir, source, out_dir, cluster=ClusterRequest(workers=2))
+    (ClusterRequest and connect live in engine.distributed_cluster; the worker side in engine.distributed_worker)
     vade scan MODEL_DIR SOURCE --out OUT_DIR --workers 2 | --gpus all | --scheduler tcp://HOST:8786
 
 The driver (this process) opens the scan exactly as the single-process scan does (engine.pipeline:
@@ -47,15 +48,7 @@ from engine.writers import ShardCounts, check_new_out_dir
 SPLIT_WAYS = 4  # a shard that keeps killing workers is cut into this many pieces, recursively
 THREAD_REFRESH_S = 5.0  # how often the driver re-reads the cluster's size (workers may join or leave)
 
-__all__ = ["SPLIT_WAYS", "ClusterRequest", "add_cluster_arguments", "cluster_scan_for", "scan_on_cluster"]
-
-
-def __getattr__(name: str) -> Any:  # ClusterRequest without importing dask for `vade --help`
-    if name == "ClusterRequest":
-        from engine.distributed_cluster import ClusterRequest
-
-        return ClusterRequest
-    raise AttributeError(name)
+__all__ = ["SPLIT_WAYS", "add_cluster_arguments", "cluster_scan_for", "scan_on_cluster"]
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -66,7 +59,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, metavar="N", help="run shards on a local Dask cluster of N worker processes"
     )
     group.add_argument(
-        "--gpus", metavar="all|N", help="one local Dask worker per GPU (all visible, or the first N), each pinned to its GPU"
+        "--gpus",
+        metavar="all|N",
+        help="one local Dask worker per GPU (all visible, or the first N), each pinned to its GPU",
     )
     group.add_argument(
         "--scheduler",
@@ -150,7 +145,9 @@ def _absolute(shard: Shard) -> Shard:
     """The shard with files the workers can open from any working directory (`path` kept as given)."""
     if all(os.path.isabs(r.file) or not r.file for r in shard.records):
         return shard
-    records = [Record(r.position, r.path, os.path.abspath(r.file) if r.file else r.file, r.extra) for r in shard.records]
+    records = [
+        Record(r.position, r.path, os.path.abspath(r.file) if r.file else r.file, r.extra) for r in shard.records
+    ]
     return Shard(shard.id, shard.start, records)
 
 
@@ -158,7 +155,9 @@ def _pieces(piece: Shard) -> list[Shard]:
     n = len(piece.records)
     cuts = [n * i // SPLIT_WAYS for i in range(SPLIT_WAYS + 1)]
     return [
-        Shard(piece.id, piece.records[a].position, piece.records[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a
+        Shard(piece.id, piece.records[a].position, piece.records[a:b])
+        for a, b in zip(cuts, cuts[1:], strict=False)
+        if b > a
     ]
 
 
@@ -293,7 +292,9 @@ def _crash_row(job: ScanJob, piece: Shard, error: Any) -> tuple[Any, ShardCounts
     collector = RowsCollector(job.store)
     loaded = LoadedBatch(piece, piece.records, torch.empty((0, 3, size, size)), [], {}, {0: message}, True, 0.0)
     empty = np.zeros(0, np.float32)
-    ShardWriter(collector).write(ScoredBatch(loaded, empty, empty, np.zeros((0, size, size), np.float16), empty.astype(bool)))
+    ShardWriter(collector).write(
+        ScoredBatch(loaded, empty, empty, np.zeros((0, size, size), np.float16), empty.astype(bool))
+    )
     return collector.rows, collector.counts
 
 
@@ -342,7 +343,9 @@ def scan_on_cluster(
     try:
         options = dataclasses.replace(options or ScanOptions(), **option_overrides)
     except TypeError as exc:
-        raise ConfigError(f"unknown scan option: {exc}; known: {[f.name for f in dataclasses.fields(ScanOptions)]}") from exc
+        raise ConfigError(
+            f"unknown scan option: {exc}; known: {[f.name for f in dataclasses.fields(ScanOptions)]}"
+        ) from exc
     if (client is None) == (cluster is None):
         raise ConfigError("scan_on_cluster needs exactly one of client= or cluster=")
     options.validate()
@@ -354,7 +357,8 @@ def scan_on_cluster(
     t0 = time.perf_counter()
     with nullcontext(client) if client is not None else connect(cluster) as live:
         device = _workers_device(live, options, forced)
-        options = dataclasses.replace(options, device=device)
+        if options.device == "auto":  # each worker then uses the device type found on one of them
+            options = dataclasses.replace(options, device=device)
         local = load_model(model_dir, device="cpu")
         facts = _ModelFacts(local.input_size, local.meta, float(local.threshold), torch.device(device))
         del local
@@ -367,7 +371,8 @@ def scan_on_cluster(
             progress = progress or Progress(job.total, quiet=quiet)
             progress.begin(job.total, counts.total)
             workers = len(live.nthreads())
-            say(f"scanning {job.total} images in {job.shards - len(job.done)} shards on {workers} Dask workers ({live.scheduler.address})")
+            pending = job.shards - len(job.done)
+            say(f"scanning {job.total} images in {pending} shards on {workers} Dask workers ({live.scheduler.address})")
             runner = _Runner(live, job, options, str(Path(model_dir).absolute()), _Tally(progress), say)
             times = runner.run()
             decoder = runner.decoder or decoder

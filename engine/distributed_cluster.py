@@ -6,9 +6,9 @@
 
 Local workers are Nanny-supervised processes (a worker that dies is restarted) with one task thread
 each, so when a worker dies only the shard it was running is suspect (see engine.distributed). CPU
-workers run torch with one thread (start as many workers as cores); GPU workers share the cores. Without dask-cuda, each GPU worker is pinned by
-CUDA_VISIBLE_DEVICES=<its GPU> in its environment from the start, so it sees its GPU as cuda:0 and no
-other; with dask-cuda installed its LocalCUDACluster does the same pinning.
+workers run torch with one thread (start as many workers as cores); GPU workers share the cores.
+Without dask-cuda, each GPU worker is pinned by CUDA_VISIBLE_DEVICES=<its GPU> in its environment from
+the start, so it sees its GPU as cuda:0 and no other; dask-cuda's LocalCUDACluster pins the same way.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def cached_model(model_dir: str, fingerprint: str, device: str) -> Any:
             if found != fingerprint:
                 raise ModelFileError(
                     f"the model at {model_dir} on this worker differs from the one the scan was started with "
-                    f"(model.json SHA-256 {found[:12]}... != {fingerprint[:12]}...); give every worker the same model files"
+                    f"(model.json SHA-256 {found[:12]}... != {fingerprint[:12]}...); "
+                    "give every worker the same model files"
                 )
             _models.clear()  # one model per worker: a long-lived cluster moving to another scan frees the old bank
             model = _models[key] = load_model(model_dir, device=device)
@@ -115,7 +116,9 @@ class PackedShard:
         positions, paths, files, extras = pickle.loads(self.blob)
         extra_rows = extras.to_pylist() if extras is not None else [{}] * len(paths)
         files = files if files is not None else paths
-        return Shard(self.id, self.start, [Record(*fields) for fields in zip(positions, paths, files, extra_rows, strict=True)])
+        return Shard(
+            self.id, self.start, [Record(*fields) for fields in zip(positions, paths, files, extra_rows, strict=True)]
+        )
 
 
 @dataclass

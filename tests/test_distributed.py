@@ -160,7 +160,9 @@ def test_a_poison_input_becomes_one_error_row_and_the_scan_completes(
     messages: list[str] = []
     client.register_plugin(PoisonDecoder(), name=PoisonDecoder.name)
     try:
-        result = scan_on_cluster(scan_model_dir, folder, tmp_path / "out", client=client, shard_size=4, say=messages.append, **SETTINGS)
+        result = scan_on_cluster(
+            scan_model_dir, folder, tmp_path / "out", client=client, shard_size=4, say=messages.append, **SETTINGS
+        )
     finally:
         client.unregister_worker_plugin(PoisonDecoder.name)
     rows, expected = _rows(tmp_path / "out"), _rows(reference)
@@ -177,15 +179,38 @@ def test_a_poison_input_becomes_one_error_row_and_the_scan_completes(
     assert not (tmp_path / "out" / "_parts").exists()
 
 
-def test_manifest_columns_travel_to_the_workers(client, scan_model_dir: Path, real_images: list[Path], tmp_path: Path) -> None:
+def test_manifest_columns_travel_to_the_workers(
+    client, scan_model_dir: Path, real_images: list[Path], tmp_path: Path
+) -> None:
     import pyarrow as pa
 
     manifest = tmp_path / "inputs.parquet"
     paths = [str(real_images[0]), "missing.png", real_images[2].name]  # relative: opened beside the manifest
     shutil.copyfile(real_images[2], tmp_path / real_images[2].name)
-    pq.write_table(pa.table({"path": paths, "site": ["a", "b", None], "taken": pa.array([1, 2, 3], pa.int64())}), manifest)
+    pq.write_table(
+        pa.table({"path": paths, "site": ["a", "b", None], "taken": pa.array([1, 2, 3], pa.int64())}), manifest
+    )
     reference = _reference(scan_model_dir, manifest, tmp_path / "ref", shard_size=2)
     scan_on_cluster(scan_model_dir, manifest, tmp_path / "out", client=client, shard_size=2, **SETTINGS)
     rows = _rows(tmp_path / "out")
     assert rows.equals(_rows(reference))
-    assert rows.column("site").to_pylist() == ["a", "b", None] and rows.column("status").to_pylist() == ["ok", "error", "ok"]
+    assert rows.column("site").to_pylist() == ["a", "b", None] and rows.column("status").to_pylist() == [
+        "ok",
+        "error",
+        "ok",
+    ]
+
+
+def test_one_progress_bar_counts_every_image_once(client, scan_model_dir: Path, inputs: Path, tmp_path: Path) -> None:
+    import io
+
+    from engine.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(0, stream=stream, tty=False, line_every_s=0.0)
+    scan_on_cluster(
+        scan_model_dir, inputs, tmp_path / "out", client=client, shard_size=4, progress=progress, **SETTINGS
+    )
+    assert progress.done == progress.total == 13
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in stream.getvalue().splitlines()]
+    assert counts[-1] == 13 and max(counts) == 13 and len(counts) >= 2

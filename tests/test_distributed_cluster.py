@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import cli_scan
-from engine.distributed import _workers_device, scan_on_cluster
+from engine.distributed import _workers_device
 from engine.distributed_cluster import ClusterRequest, connect, default_torch_threads, visible_gpus
 from engine.errors import ConfigError
 from engine.pipeline import ScanOptions, open_scan, run_shard, scan
@@ -34,14 +34,22 @@ def test_visible_gpus(spec: str, visible: str | None, count: int, expected: list
     assert visible_gpus(spec, visible, count) == expected
 
 
-@pytest.mark.parametrize(("spec", "visible", "count", "words"), [("all", None, 0, "no GPU"), ("all", "", 4, "no GPU"), ("3", "0,1", 2, "only 2")])
+@pytest.mark.parametrize(
+    ("spec", "visible", "count", "words"),
+    [("all", None, 0, "no GPU"), ("all", "", 4, "no GPU"), ("3", "0,1", 2, "only 2")],
+)
 def test_visible_gpus_refuses(spec: str, visible: str | None, count: int, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         visible_gpus(spec, visible, count)
 
 
 def test_cluster_request_is_validated_and_threads_share_the_cores() -> None:
-    for bad in (ClusterRequest(), ClusterRequest(workers=0), ClusterRequest(gpus="two"), ClusterRequest(workers=2, gpus="all")):
+    for bad in (
+        ClusterRequest(),
+        ClusterRequest(workers=0),
+        ClusterRequest(gpus="two"),
+        ClusterRequest(workers=2, gpus="all"),
+    ):
         with pytest.raises(ConfigError):
             bad.validate()
     ClusterRequest(scheduler="tcp://10.0.0.1:8786").validate()
@@ -80,7 +88,9 @@ def test_gpu_workers_are_pinned_one_gpu_each(monkeypatch: pytest.MonkeyPatch) ->
             _workers_device(client, ScanOptions(), "cuda")
 
 
-def test_vade_scan_workers_resumes_a_one_process_scan(scan_model_dir: Path, real_images: list[Path], tmp_path: Path) -> None:
+def test_vade_scan_workers_resumes_a_one_process_scan(
+    scan_model_dir: Path, real_images: list[Path], tmp_path: Path
+) -> None:
     """A scan begun in one process (shard 0 done) is finished by `vade scan --workers 2 --resume`."""
     folder = real_images[0].parent
     settings = {"device": "cpu", "shard_size": 4, "batch_size": 2, "decoder": "pillow"}
@@ -98,7 +108,9 @@ def test_vade_scan_workers_resumes_a_one_process_scan(scan_model_dir: Path, real
 
     cmd = [sys.executable, "-m", "engine.cli", "scan", str(scan_model_dir), str(folder), "--out", str(out), "--resume"]
     flags = ["--workers", "2", "--device", "cpu", "--shard-size", "4", "--batch-size", "2", "--decoder", "pillow"]
-    done = subprocess.run([*cmd, *flags], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    done = subprocess.run(
+        [*cmd, *flags], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "resuming: 1 of 3 shards" in done.stderr and "on 2 Dask workers" in done.stderr
     assert f"scanned {len(real_images)} images: {len(real_images)} ok, 0 error" in done.stdout
@@ -124,3 +136,22 @@ def test_a_packed_shard_unpacks_to_the_same_records() -> None:
     assert PackedShard.pack(shard, schema).unpack() == shard
     plain = Shard(0, 0, [Record(0, "p.png", "p.png"), Record(1, "q.png", "/abs/q.png")])
     assert PackedShard.pack(plain, pa.schema([])).unpack() == plain
+
+
+def test_progress_tally_is_exact_when_tasks_end_whatever_the_events_said() -> None:
+    import io
+
+    from engine.distributed import _Tally
+    from engine.progress import Progress
+
+    progress = Progress(10, stream=io.StringIO(), quiet=True)
+    tally = _Tally(progress)
+    tally.on_event((0.0, ["a", 3]))
+    tally.on_event((0.0, ["b", 2]))
+    tally.forget("b")  # its worker died: its provisional images are taken back
+    tally.on_event((0.0, ["c", 4]))
+    tally.finish("a", 5)  # a task's own count replaces what its events said
+    tally.on_event((0.0, ["a", 2]))  # a late event of a finished task is ignored
+    assert progress.done == 5 + 4
+    tally.finish("c", 5)
+    assert progress.done == 10
