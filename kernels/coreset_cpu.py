@@ -13,8 +13,8 @@ above its largest min-distance is skipped whole, and inside the remaining leaves
 own bound is below their min-distance are recomputed. Bounds carry a relative safety margin
 (`BOUND_TOL`, far above fp32 rounding), so skipping never hides a real update. The distances that
 are computed use the same fp32 arithmetic as the brute force ((x - p)^2 summed over D), so the
-min-distance vector, and with it every pick, equals the brute force's bit for bit (ties aside:
-equal maxima may be broken in a different row order).
+min-distance vector, and with it every pick, equals the brute force's bit for bit; exact ties
+are broken towards the lowest row id, as torch.argmax does.
 
 Per pick: distances to the leaf centres (n_leaves x D), a gather of the rows that still need
 work, a scatter of their new minima, and the arg-max as an arg-max over per-leaf maxima followed
@@ -156,10 +156,12 @@ class _PrunedKCenter:
         self.leaf_max[leaves] = np.where(top < 0, PICKED, np.sqrt(np.maximum(top, 0)))
 
     def farthest(self) -> tuple[int, float]:
-        """(original row id, distance) of the row farthest from all picks so far."""
-        leaf = int(np.argmax(self.leaf_top))
-        pos = int(np.argmax(self.min_d2[leaf]))
-        return int(self.leaf_ids_np[leaf, pos]), float(self.leaf_max[leaf])
+        """(original row id, distance) of the row farthest from all picks so far; on exact ties
+        the lowest row id, as the brute force's argmax (repeated rows make such ties common)."""
+        top = self.leaf_top.max()
+        leaves = np.flatnonzero(self.leaf_top == top)
+        tied = self.leaf_ids_np[leaves][self.min_d2[leaves] == top]
+        return int(tied.min()), float(self.leaf_max[leaves[0]])
 
 
 def greedy_kcenter_pruned(
