@@ -7,10 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+import torch
 import zarr
 
 from engine.pipeline import scan
@@ -22,14 +25,28 @@ def _markers(out: Path) -> int:
     return len(list((out / "_done").glob("shard-*.json"))) if (out / "_done").is_dir() else 0
 
 
-def test_sigkill_then_resume_equals_a_clean_run(scan_model_dir: Path, many_images: Path, tmp_path: Path) -> None:
+@pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """Every scan of this test on one torch thread: CPU kernels split sums by thread count, and other
+    tests in the same process may have changed it; the subprocess gets OMP_NUM_THREADS=1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sigkill_then_resume_equals_a_clean_run(
+    scan_model_dir: Path, many_images: Path, tmp_path: Path, one_torch_thread: None
+) -> None:
     settings = ["--shard-size", "8", "--batch-size", "8", "--device", "cpu"]
     clean = tmp_path / "clean"
     scan(scan_model_dir, many_images, clean, device="cpu", shard_size=8, batch_size=8)
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "engine.cli", "scan", str(scan_model_dir), str(many_images), "--out", str(killed)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([*cmd, *settings, "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while _markers(killed) < 3 and proc.poll() is None and time.monotonic() < deadline:
