@@ -136,7 +136,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", weight
     tensors = _read_tensors(model_dir / TENSORS_FILE, meta)
     try:
         overrides = {"weights": str(weights)} if weights else {}
-        cfg = config_from_dict({**meta["config"], **overrides}).resolved()
+        # Files written before `precision` existed were fitted with fp32 CPU features.
+        cfg = config_from_dict({"precision": "fp32", **meta["config"], **overrides}).resolved()
     except ConfigError as exc:
         raise ModelFileError(f"{model_dir / META_FILE} has an invalid config: {exc}") from exc
     model_cls = MODELS[meta["method"]]

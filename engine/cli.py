@@ -40,12 +40,14 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="backbone arithmetic; auto = bf16 where the hardware has it natively (recorded in the model)")
     p.add_argument("--force", action="store_true", help="overwrite an existing model directory")
     p.set_defaults(func=run_fit)
 
 
 FIT_KEYS = ("method", "backbone", "weights", "layers", "input_size", "coreset_ratio", "holdout_fraction",
-            "target_false_alarm_rate", "seed", "batch_size", "device")
+            "target_false_alarm_rate", "seed", "batch_size", "device", "precision")
 
 
 def run_fit(args: argparse.Namespace) -> int:

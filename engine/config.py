@@ -16,6 +16,7 @@ from engine.errors import ConfigError
 
 METHODS = ("patchcore", "padim")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # (method, backbone) -> default layers. Lite0 stage strides: blocks.1 = 4, blocks.2 = 8, blocks.4 = 16.
 DEFAULT_LAYERS: dict[tuple[str, str], list[str]] = {
@@ -52,6 +53,9 @@ class FitConfig:
     seed: int = 0
     batch_size: int = 16
     device: str = "auto"
+    # Backbone arithmetic. auto: bf16 (fp32 accumulation) where the hardware has it natively (CUDA,
+    # CPUs with AVX512-BF16 or AMX), else fp32. A fit records the resolved value; scans use it.
+    precision: str = "auto"
 
     def resolved(self) -> FitConfig:
         """A copy with defaults that depend on other keys filled in, validated."""
@@ -68,6 +72,7 @@ class FitConfig:
 
         _choice("method", self.method, METHODS)
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
         spec = get_spec(self.backbone)
         check_layers(spec, self.layers)
         if spec.needs_weights_file and not self.weights:
