@@ -108,14 +108,15 @@ def model_only(model_dir: Path, files: list[Path], batch: int) -> float:
     """Images/s of the model alone (features + scoring, as the scan calls it) on pre-decoded images."""
     from engine.artifact import load_model
     from engine.decode import read_rgb, to_tensor
-    from engine.scan_loop import MODEL_BATCH, StageTimes, score_batch
+    from engine.model_stage import score_images
+    from engine.scan_loop import MODEL_BATCH, StageTimes
 
     model = load_model(model_dir, device="cpu")
     images = to_tensor([read_rgb(p) for p in files], model.input_size)
-    score_batch(model, images[:MODEL_BATCH["cpu"]], MODEL_BATCH["cpu"], StageTimes())  # warm-up
+    score_images(model, images[: MODEL_BATCH["cpu"]], MODEL_BATCH["cpu"], StageTimes())  # warm-up
     t0 = time.perf_counter()
     for start in range(0, len(files), batch):
-        score_batch(model, images[start : start + batch], MODEL_BATCH["cpu"], StageTimes())
+        score_images(model, images[start : start + batch], MODEL_BATCH["cpu"], StageTimes())
     return len(files) / (time.perf_counter() - t0)
 
 

@@ -2,9 +2,10 @@
 
 engine.pipeline is the public face (scan, open_scan, run_shard); this module is the machinery.
 
-Three stages run at once: a loader thread reads, inspects, decodes and resizes batch n+1 while the main
-thread runs the model on batch n and a writer thread stores batch n-1 (Zarr chunks, then the shard's
-Parquet part and completion marker). Queues between them are bounded, so memory is too.
+Stages run at once: a loader thread reads, inspects, decodes and resizes batch n+1 while the main
+thread runs the model on batch n (on CPUs its backbone in a thread of its own, engine/model_stage.py)
+and a writer thread stores batch n-1 (Zarr chunks, then the shard's Parquet part and completion
+marker). Queues between them are bounded, so memory is too.
 
 Determinism: the model always sees micro-batches of one fixed size per device (MODEL_BATCH, the last
 one padded with zeros), so an image's score and map depend neither on --batch-size nor on which images
@@ -30,13 +31,13 @@ import torch
 from engine.decode import DEFAULT_MAX_PIXELS, ImageInfo, inspect_bytes, read_bytes, resize_batch
 from engine.decoders import Decoder, check_decoder, make_decoder
 from engine.errors import ConfigError, DecodeError
+from engine.model_stage import MicroResult, ModelStage
 from engine.sources import Record, Shard
 from engine.writers import ScanStore, ShardCounts, ShardWriter  # noqa: F401 - ShardWriter re-exported
 
 _DONE = object()
 MODEL_BATCH = {"cpu": 8, "cuda": 64}  # images per backbone call, fixed per device type (determinism)
 DECODE_PIXEL_BUDGET = 64_000_000  # decoded full-size pixels held at once by the loader (~200 MB as RGB)
-F16_MAX = 65504.0  # maps are stored as float16: larger values are clipped, not turned into inf
 
 
 @dataclass
@@ -232,49 +233,20 @@ def _put_while_alive(q: queue.Queue, item: Any, consumer: _Worker) -> None:
             continue
 
 
-def score_batch(model: Any, images: torch.Tensor, model_batch: int, times: StageTimes) -> tuple[np.ndarray, ...]:
-    """Raw scores, normalised scores, float16 normalised maps and anomaly flags for a batch.
-
-    The model always sees micro-batches of exactly `model_batch` images (the last zero-padded), so the
-    result for an image does not depend on the batch it came in nor on its neighbours in it.
-    """
-    raw, maps = [], []
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], model_batch):
-            t0 = time.perf_counter()
-            chunk = images[start : start + model_batch]
-            real = chunk.shape[0]
-            if real < model_batch:
-                chunk = torch.cat([chunk, chunk.new_zeros((model_batch - real, *chunk.shape[1:]))])
-            feature_maps = model.features(chunk)
-            t1 = time.perf_counter()
-            out = model.score_features(feature_maps)
-            raw.append(out.scores[:real])
-            maps.append(out.maps[:real])
-            times.features += t1 - t0
-            times.scoring += time.perf_counter() - t1
-        t1 = time.perf_counter()
-        raw_scores = torch.cat(raw)
-        norm_maps = model.normalize(torch.cat(maps)).clamp_(-F16_MAX, F16_MAX).to(torch.float16).cpu().numpy()
-        norm_scores = model.normalize(raw_scores).float().cpu().numpy()
-        raw_np = raw_scores.float().cpu().numpy()
-        times.scoring += time.perf_counter() - t1
-    return raw_np, norm_scores, norm_maps, raw_np.astype(np.float64) >= float(model.threshold)
-
-
 class _MicroBatcher:
     """Gathers decoded images across batches into full model micro-batches; hands back whole batches.
 
     Only the very last micro-batch of a run is padded, whatever --batch-size is, and batches leave in
-    the order they came.
+    the order they came. One micro-batch stays in the model stage's backbone while the previous one is
+    scored, so on CPUs features and scoring overlap across batch boundaries too.
     """
 
-    def __init__(self, model: Any, model_batch: int, times: StageTimes, emit: Callable[[ScoredBatch], None]):
-        self.model, self.model_batch, self.times, self.emit = model, model_batch, times, emit
+    def __init__(self, stage: ModelStage, times: StageTimes, emit: Callable[[ScoredBatch], None]):
+        self.stage, self.model_batch, self.times, self.emit = stage, stage.model_batch, times, emit
         self.waiting: deque[LoadedBatch] = deque()  # batches whose results are not all in yet
         self.unscored: list[torch.Tensor] = []
         self.n_unscored = 0
-        self.results: list[tuple[np.ndarray, ...]] = []  # scored, not yet handed back
+        self.results: deque[MicroResult] = deque()  # scored, not yet handed back
         self.n_results = 0
 
     def add(self, batch: LoadedBatch) -> None:
@@ -282,18 +254,29 @@ class _MicroBatcher:
         if batch.ok:
             self.unscored.append(batch.images)
             self.n_unscored += len(batch.ok)
-        if self.n_unscored >= self.model_batch:
-            self.flush(final=False)
-        self._hand_back()
+        self._submit(self.n_unscored // self.model_batch * self.model_batch)
+        self._score(keep_in_flight=1)
 
-    def flush(self, final: bool) -> None:
-        take = self.n_unscored if final else self.n_unscored // self.model_batch * self.model_batch
-        if take:
-            images = torch.cat(self.unscored)
-            self.results.append(score_batch(self.model, images[:take], self.model_batch, self.times))
-            self.unscored = [images[take:]] if take < len(images) else []
-            self.n_unscored -= take
-            self.n_results += take
+    def flush(self) -> None:
+        """Score everything left (the last micro-batch padded) and hand back every batch."""
+        self._submit(self.n_unscored)
+        self._score(keep_in_flight=0)
+
+    def _submit(self, take: int) -> None:
+        if not take:
+            return
+        images = torch.cat(self.unscored)
+        for start in range(0, take, self.model_batch):
+            self.stage.submit(images[start : min(take, start + self.model_batch)])
+        self.unscored = [images[take:]] if take < len(images) else []
+        self.n_unscored -= take
+
+    def _score(self, keep_in_flight: int) -> None:
+        while len(self.stage.pending) > keep_in_flight:
+            result = self.stage.next_result()
+            self.results.append(result)
+            self.n_results += len(result.raw_scores)
+            self._hand_back()
         self._hand_back()
 
     def _hand_back(self) -> None:
@@ -303,16 +286,26 @@ class _MicroBatcher:
 
     def _take(self, count: int) -> tuple[np.ndarray, ...]:
         """The next `count` results (raw, scores, maps, anomalous), in order."""
-        if self.results:
-            merged = [np.concatenate(cols) for cols in zip(*self.results, strict=True)]
-        else:
-            size = self.model.input_size
-            empty_maps = np.zeros((0, size, size), np.float16)
-            merged = [np.zeros(0, np.float32), np.zeros(0, np.float32), empty_maps, np.zeros(0, bool)]
-        head = tuple(col[:count] for col in merged)
-        self.results = [tuple(col[count:] for col in merged)]
+        parts: list[tuple[np.ndarray, ...]] = []
+        need = count
+        while need:
+            head = self.results[0]
+            n = len(head.raw_scores)
+            cols = (head.raw_scores, head.scores, head.maps, head.anomalous)
+            if n <= need:
+                parts.append(cols)
+                self.results.popleft()
+                need -= n
+            else:
+                parts.append(tuple(c[:need] for c in cols))
+                self.results[0] = MicroResult(*(c[need:] for c in cols))
+                need = 0
         self.n_results -= count
-        return head
+        if not parts:
+            size = self.stage.model.input_size
+            return (np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, size, size), np.float16),
+                    np.zeros(0, bool))
+        return tuple(np.concatenate(cols) for cols in zip(*parts, strict=True))
 
 
 def resolve_model_batch(options: ScanOptions, device: torch.device) -> int:
@@ -339,6 +332,7 @@ def run_shards(
     writer = ShardWriter(store, on_shard_done)
 
     def load_all() -> None:
+        torch.set_num_threads(1)  # this thread's resizes only: the model owns the cores
         for shard, records, last in _batches(shards, options.batch_size):
             if not _put(loaded_q, load_batch(shard, records, decoder, size, options.max_pixels, last), stop):
                 return
@@ -357,7 +351,8 @@ def run_shards(
         if on_batch:
             on_batch(len(scored.loaded.records))
 
-    gather = _MicroBatcher(model, model_batch, times, emit)
+    stage = ModelStage(model, model_batch, times)
+    gather = _MicroBatcher(stage, times, emit)
     try:
         while True:
             try:
@@ -370,13 +365,14 @@ def run_shards(
                 break
             times.decode += item.seconds
             gather.add(item)
-        gather.flush(final=True)
+        gather.flush()
         _put_while_alive(scored_q, _DONE, writer_thread)
         writer_thread.join()
         writer_thread.check()
         loader.check()
     finally:
         stop.set()
+        stage.close()
     times.write = writer.seconds
     times.loop = time.perf_counter() - started
     return times

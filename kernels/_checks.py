@@ -27,3 +27,10 @@ def check_2d(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {t.dtype}")
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import knn_index
+from kernels._checks import cpu_native_bf16
 from kernels.knn import sq_norms, topk_torch
 from kernels.knn_index import MIN_QUERIES_FOR_CELLS, KnnIndex
 
@@ -106,3 +108,39 @@ def test_dense_fallback_and_pure_cell_scans_agree(
     ref_d, ref_i = float64_topk(queries, bank, 3)
     assert torch.equal(idx, ref_i)
     torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_native_bf16(), reason="this CPU has no native bf16: the index uses fp32 only")
+@pytest.mark.parametrize("k", [1, 9])
+def test_bf16_dense_pass_is_proven_exact(bank: torch.Tensor, index: KnnIndex, k: int) -> None:
+    keep = k + knn_index.RERANK_EXTRA
+    # Spread-out entries and queries displaced from them (real features are like this: the far
+    # patches of the bottle test set all pass the proof): the proof must hold and be right.
+    gen = torch.Generator().manual_seed(5)
+    spread = torch.randn(2000, 37, generator=gen) * 10
+    queries = spread[:200] + torch.randn(200, 37, generator=gen) * 2
+    sparse = KnnIndex.build(spread, seed=0)
+    d16, i16 = sparse._dense_candidates_bf16(queries, keep)
+    assert torch.isfinite(d16[:, 0]).all()
+    assert torch.equal(i16[:, :k], float64_topk(queries, spread, k)[1])
+    # Crowded clusters: the proof fails for most rows, which are redone in fp32; the search
+    # answers exactly what the fp32-only index answers.
+    queries = near_and_far_queries(bank, 300, seed=7)
+    assert torch.isinf(index._dense_candidates_bf16(queries, keep)[0][:, 0]).any()
+    fp32 = KnnIndex.build(bank, seed=0)
+    fp32.bank_c_bf16_t = None
+    for a, b in zip(index.search(queries, k), fp32.search(queries, k), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not cpu_native_bf16(), reason="this CPU has no native bf16: the index uses fp32 only")
+def test_bf16_rows_whose_proof_fails_are_redone_in_fp32(
+    bank: torch.Tensor, index: KnnIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queries = near_and_far_queries(bank, 64, seed=8)
+    monkeypatch.setattr(knn_index, "BF16_U", 1.0)  # an error bound no candidate list can beat
+    d16, _ = index._dense_candidates_bf16(queries, 3)
+    assert torch.isinf(d16[:, 0]).all()
+    d, i = index.search(queries, 1)
+    ref_d, ref_i = float64_topk(queries, bank, 1)
+    assert torch.equal(i, ref_i) and torch.allclose(d.double(), ref_d, rtol=1e-5)

@@ -12,6 +12,7 @@ import torch
 from engine.backbones import FeatureExtractor, build_extractor
 from engine.calibration import Calibration
 from engine.config import FitConfig
+from kernels._checks import cpu_native_bf16
 
 
 @dataclass
@@ -30,11 +31,7 @@ def resolve_device(name: str) -> torch.device:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the device multiplies bf16 natively (tensor cores; AVX512-BF16 or AMX on CPUs)."""
-    if device.type == "cuda":
-        return True
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return device.type == "cuda" or cpu_native_bf16()
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
