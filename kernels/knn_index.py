@@ -152,8 +152,7 @@ class KnnIndex:
             # Rank by q.e - |e|^2 / 2 (largest): the squared distance minus |q|^2, halved and negated.
             key = torch.mm(qc.bfloat16(), self.bank_c_bf16_t).float().add_(self.bank_c_half_sq_neg)
             top, cand = torch.topk(key, wide + 1, dim=1)
-            exact = (self.bank[cand[:, :wide]] - q[rows, None, :]).pow(2).sum(2)
-            d, pos = torch.topk(exact, keep, dim=1, largest=False)
+            d, pos = torch.topk(self._exact_sq(q[rows], cand[:, :wide]), keep, dim=1, largest=False)
             # Operand rounding (2u) and output rounding (u) of the dot, doubled in the expansion, plus
             # fp32 slack on the norms; an entry outside the list is at least `outside` - err away.
             outside = q_sq - 2 * top[:, wide]
@@ -168,10 +167,14 @@ class KnnIndex:
         d2 = torch.addmm(qc.pow(2).sum(1, keepdim=True) + self.bank_c_sq, qc, self.bank_c.T, alpha=-2.0)
         return torch.topk(d2, keep, dim=1, largest=False)
 
+    def _exact_sq(self, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """[Q, C] squared distances sum((q - e)^2) computed directly (no expansion) to the candidates."""
+        rows = self.bank.index_select(0, cand.reshape(-1)).view(*cand.shape, self.bank.shape[1])
+        return rows.sub_(q[:, None, :]).pow_(2).sum(2)
+
     def _rerank(self, q: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact distances sum((q - e)^2) of the candidates, the k best ascending."""
-        exact = (self.bank[cand] - q[:, None, :]).pow(2).sum(2)
-        d, pos = torch.topk(exact, k, dim=1, largest=False)
+        """Exact distances of the candidates, the k best ascending."""
+        d, pos = torch.topk(self._exact_sq(q, cand), k, dim=1, largest=False)
         return d.sqrt_(), cand.gather(1, pos)
 
     def _search_cells(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +188,9 @@ class KnnIndex:
         best_d = torch.full((n_q, keep), float("inf"))
         best_i = torch.zeros((n_q, keep), dtype=torch.long)
         for cell, members in _groups(own, self.n_cells):
-            self._scan(q, members, cell, best_d, best_i, first=True)
+            _, d, ids = self._scan(q, members, cell, keep)
+            best_d[members, : d.shape[1]] = d
+            best_i[members, : d.shape[1]] = ids
         lower = self._lower_bounds(to_centre, to_centre_err, own)
         # The k-th best so far, plus the expansion error of residual distances (|q - c| + r)^2 wide.
         own_reach = to_centre.gather(1, own[:, None])[:, 0].clamp_min(0).sqrt() + self.radii[own]
@@ -202,8 +207,9 @@ class KnnIndex:
         pairs = need.nonzero()  # (query, cell), query-major
         cells = pairs[:, 1]
         order = torch.argsort(cells, stable=True)
-        for cell, members in _groups(cells[order], self.n_cells, pairs[order, 0]):
-            self._scan(q, members, cell, best_d, best_i)
+        found = [self._scan(q, members, cell, keep) for cell, members in _groups(cells[order], self.n_cells, pairs[order, 0])]
+        if found:
+            _merge_into(best_d, best_i, found)
         return self._rerank(q, best_i, k)
 
     def _lower_bounds(self, to_centre: torch.Tensor, err: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -215,28 +221,36 @@ class KnnIndex:
         bisector = (low_sq - own_sq) / (2 * gap.clamp_min(1e-30))
         return torch.maximum(triangle, bisector) - BOUND_TOL
 
-    def _scan(
-        self, q: torch.Tensor, members: torch.Tensor, cell: int, best_d: torch.Tensor, best_i: torch.Tensor,
-        first: bool = False,
-    ) -> None:  # fmt: skip
-        """Merge cell `cell` into the running top-k of queries `members` (squared distances);
-        `first`: the members' lists are still empty, so the cell's top-k replaces them."""
+    def _scan(self, q: torch.Tensor, members: torch.Tensor, cell: int, keep: int) -> tuple[torch.Tensor, ...]:
+        """(members, squared distances [m, t], entry ids [m, t]): the t = min(keep, cell size) nearest
+        entries of cell `cell` for queries `members`, ascending."""
         lo, hi = self.offsets[cell], self.offsets[cell + 1]
         rel = q.index_select(0, members) - self.centres[cell]
         rel_sq = rel.pow(2).sum(1, keepdim=True)
         d2 = torch.addmm(rel_sq + self.residual_sq[lo:hi], rel, self.residuals[lo:hi].T, alpha=-2.0)
-        keep = best_d.shape[1]
-        take = min(keep, hi - lo)
-        d, pos = torch.topk(d2, take, dim=1, largest=False)
-        if first:
-            best_d[members, :take] = d
-            best_i[members, :take] = self.entry_ids[lo:hi][pos]
-            return
-        merged_d = torch.cat([best_d.index_select(0, members), d], 1)
-        merged_i = torch.cat([best_i.index_select(0, members), self.entry_ids[lo:hi][pos]], 1)
-        d, pos = torch.topk(merged_d, keep, dim=1, largest=False)
-        best_d[members] = d
-        best_i[members] = merged_i.gather(1, pos)
+        d, pos = torch.topk(d2, min(keep, hi - lo), dim=1, largest=False)
+        return members, d, self.entry_ids[lo:hi][pos]
+
+
+def _merge_into(best_d: torch.Tensor, best_i: torch.Tensor, found: list[tuple[torch.Tensor, ...]]) -> None:
+    """Per query, the `keep` smallest of its running list and every (members, d, ids) of `found`:
+    one sort by distance, one stable sort by query, then the first `keep` of each query's run."""
+    n_q, keep = best_d.shape
+    qids = [torch.arange(n_q).repeat_interleave(keep)]
+    dists, ids = [best_d.reshape(-1)], [best_i.reshape(-1)]
+    for members, d, e in found:
+        qids.append(members.repeat_interleave(d.shape[1]))
+        dists.append(d.reshape(-1))
+        ids.append(e.reshape(-1))
+    all_q, all_d, all_i = torch.cat(qids), torch.cat(dists), torch.cat(ids)
+    order = torch.argsort(all_d, stable=True)
+    order = order[torch.argsort(all_q[order], stable=True)]
+    q_sorted = all_q[order]
+    counts = torch.bincount(q_sorted, minlength=n_q)
+    rank = torch.arange(q_sorted.numel()) - (torch.cumsum(counts, 0) - counts)[q_sorted]
+    sel = rank < keep
+    best_d[q_sorted[sel], rank[sel]] = all_d[order][sel]
+    best_i[q_sorted[sel], rank[sel]] = all_i[order][sel]
 
 
 def _groups(keys_sorted_or_not: torch.Tensor, n_cells: int, values: torch.Tensor | None = None):
