@@ -1,19 +1,19 @@
 """The model stage of a scan: fixed-size micro-batches in, per-image scores and float16 maps out.
 
-On CPUs the stage is itself two stages: a backbone thread computes the features of micro-batch n+1
-while the calling thread scores micro-batch n (nearest-neighbour search or Mahalanobis, map, scores).
-Scoring is many small single-threaded operations, and the backbone is a few large ones, so on a
-2-core machine one core each beats both on both cores: OpenMP threads that meet at a barrier after
-every small op wait on each other whenever the loader or writer thread takes a core
-(benchmarks/results/scan_cpu_*.json). On CUDA the backbone is already asynchronous; both run in the
-calling thread.
+On CPUs, W worker threads (W = torch's thread count, i.e. the cores) each take whole micro-batches,
+backbone and scoring, with ONE intra-op thread each. Scoring is many small operations and the
+backbone a few large ones; OpenMP teams that meet at a barrier after every small op wait on each
+other whenever the loader or writer thread takes a core, while independent single-threaded workers
+never wait and balance themselves whichever part is heavier (benchmarks/results/scan_cpu_*.json).
+On CUDA the work is already asynchronous; it runs in the calling thread.
 
-Determinism is unchanged by the threads: each micro-batch has the same images, the same shape and the
-same thread count wherever it runs.
+Determinism is unchanged by the threads: each micro-batch has the same images, the same shape and
+one intra-op thread wherever it runs, and results come back in submission order.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 F16_MAX = 65504.0  # maps are stored as float16: larger values are clipped, not turned into inf
+MAX_CPU_WORKERS = 16
 
 
 @dataclass
@@ -38,18 +39,20 @@ class MicroResult:
 
 class ModelStage:
     """Submit micro-batches of exactly `model_batch` images (the last may be short: it is zero-padded);
-    take their results back in order with `next_result`. Use as a context manager."""
+    take their results back in order with `next_result`. Use as a context manager.
+
+    `depth` micro-batches should be kept in flight to keep every worker busy."""
 
     def __init__(self, model: Any, model_batch: int, times: Any, cpu_threads: int | None = None):
         self.model, self.model_batch, self.times = model, model_batch, times
-        self.pending: deque[tuple[Future | list[torch.Tensor], int]] = deque()
+        self.pending: deque[tuple[Future | MicroResult, int]] = deque()
         self._pool: ThreadPoolExecutor | None = None
-        self._caller_threads = torch.get_num_threads()
+        self._lock = threading.Lock()
+        self.depth = 1
         if model.device.type == "cpu":
-            threads = cpu_threads or self._caller_threads
-            # Scoring keeps one core; the backbone gets the rest (at least one).
-            self._pool = ThreadPoolExecutor(1, "vade-backbone", torch.set_num_threads, (max(1, threads - 1),))
-            torch.set_num_threads(1)
+            self.depth = max(1, min(MAX_CPU_WORKERS, cpu_threads or torch.get_num_threads()))
+            self._pool = ThreadPoolExecutor(self.depth, "vade-model", torch.set_num_threads, (1,))
+            model.prepare_scoring()  # shared read-only state (the kNN index) built once, before the workers
 
     def __enter__(self) -> ModelStage:
         return self
@@ -61,10 +64,9 @@ class ModelStage:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-            torch.set_num_threads(self._caller_threads)
 
     def submit(self, images: torch.Tensor) -> None:
-        """Queue one micro-batch for the backbone (at most `model_batch` images)."""
+        """Queue one micro-batch (at most `model_batch` images)."""
         real = images.shape[0]
         if not 0 < real <= self.model_batch:
             raise ValueError(f"a micro-batch holds 1..{self.model_batch} images, got {real}")
@@ -72,30 +74,30 @@ class ModelStage:
             pad = images.new_zeros((self.model_batch - real, *images.shape[1:]))
             images = torch.cat([images, pad])
         if self._pool is None:
-            self.pending.append((self._features(images), real))
+            self.pending.append((self._run(images, real), real))
         else:
-            self.pending.append((self._pool.submit(self._features, images), real))
-
-    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.features(images)
-        self.times.features += time.perf_counter() - t0
-        return out
+            self.pending.append((self._pool.submit(self._run, images, real), real))
 
     def next_result(self) -> MicroResult:
-        """Score the oldest submitted micro-batch (waiting for its features if need be)."""
-        job, real = self.pending.popleft()
-        feature_maps = job.result() if isinstance(job, Future) else job
-        t0 = time.perf_counter()
+        """The oldest submitted micro-batch's results (waiting for them if need be)."""
+        job, _ = self.pending.popleft()
+        return job.result() if isinstance(job, Future) else job
+
+    def _run(self, images: torch.Tensor, real: int) -> MicroResult:
         model = self.model
+        t0 = time.perf_counter()
         with torch.inference_mode():
+            feature_maps = model.features(images)
+            t1 = time.perf_counter()
             out = model.score_features(feature_maps)
             raw = out.scores[:real]
             maps = model.normalize(out.maps[:real]).clamp_(-F16_MAX, F16_MAX).to(torch.float16).cpu().numpy()
             scores = model.normalize(raw).float().cpu().numpy()
             raw_np = raw.float().cpu().numpy()
-        self.times.scoring += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        with self._lock:
+            self.times.features += t1 - t0
+            self.times.scoring += t2 - t1
         return MicroResult(raw_np, scores, maps, raw_np.astype(np.float64) >= float(model.threshold))
 
 
@@ -105,7 +107,7 @@ def score_images(model: Any, images: torch.Tensor, model_batch: int, times: Any)
     with ModelStage(model, model_batch, times) as stage:
         for start in range(0, images.shape[0], model_batch):
             stage.submit(images[start : start + model_batch])
-            if len(stage.pending) > 1:
+            if len(stage.pending) > stage.depth:
                 results.append(stage.next_result())
         while stage.pending:
             results.append(stage.next_result())

@@ -3,7 +3,7 @@
 engine.pipeline is the public face (scan, open_scan, run_shard); this module is the machinery.
 
 Stages run at once: a loader thread reads, inspects, decodes and resizes batch n+1 while the main
-thread runs the model on batch n (on CPUs its backbone in a thread of its own, engine/model_stage.py)
+thread runs the model on batch n (on CPUs in worker threads of its own, engine/model_stage.py)
 and a writer thread stores batch n-1 (Zarr chunks, then the shard's Parquet part and completion
 marker). Queues between them are bounded, so memory is too.
 
@@ -237,8 +237,7 @@ class _MicroBatcher:
     """Gathers decoded images across batches into full model micro-batches; hands back whole batches.
 
     Only the very last micro-batch of a run is padded, whatever --batch-size is, and batches leave in
-    the order they came. One micro-batch stays in the model stage's backbone while the previous one is
-    scored, so on CPUs features and scoring overlap across batch boundaries too.
+    the order they came. The model stage's workers keep their micro-batches across batch boundaries.
     """
 
     def __init__(self, stage: ModelStage, times: StageTimes, emit: Callable[[ScoredBatch], None]):
@@ -255,7 +254,7 @@ class _MicroBatcher:
             self.unscored.append(batch.images)
             self.n_unscored += len(batch.ok)
         self._submit(self.n_unscored // self.model_batch * self.model_batch)
-        self._score(keep_in_flight=1)
+        self._score(keep_in_flight=self.stage.depth)
 
     def flush(self) -> None:
         """Score everything left (the last micro-batch padded) and hand back every batch."""

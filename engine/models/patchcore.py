@@ -74,12 +74,17 @@ class PatchCore(AnomalyModel):
         self.bank_sq_norms = knn.sq_norms(self.bank)  # once per bank, not per query batch
         self._index: KnnIndex | None = None
 
+    def prepare_scoring(self) -> None:
+        """Build the CPU index now (once), so threads that score at the same time share it."""
+        if self.device.type != "cuda" and self._index is None:
+            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed)
+
     def nearest(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k nearest bank rows: the fused kernel on CUDA, a pruned cell index on CPUs."""
         if self.device.type == "cuda":
             return knn.topk(rows, self.bank, k, bank_sq_norms=self.bank_sq_norms)
-        if self._index is None:
-            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed)
+        self.prepare_scoring()
+        assert self._index is not None
         return self._index.search(rows, k)
 
     def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
