@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,14 @@ def decode_schema(text: str) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary sibling unique to this process and call: two attempts at the same shard (a Dask
+    task retried while the first is still running) never write into one file."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -190,7 +197,7 @@ class ScanStore:
 
     def finish_shard(self, shard_id: int, start: int, rows: pa.Table, counts: ShardCounts) -> None:
         """Rows then marker, each written atomically; call after the shard's maps are written."""
-        tmp = self._part(shard_id).with_suffix(".parquet.tmp")
+        tmp = _tmp_name(self._part(shard_id))
         pq.write_table(rows, tmp, compression="zstd")
         os.replace(tmp, self._part(shard_id))
         marker = {"shard": shard_id, "start": start, "stop": start + rows.num_rows, **counts.__dict__}
@@ -202,7 +209,9 @@ class ScanStore:
 
     def consolidate(self, shard_ids: range) -> None:
         """Concatenate the parts in shard order into scores.parquet (streaming), then mark the scan complete."""
-        tmp = self.scores_path.with_suffix(".parquet.tmp")
+        for stale in self.out_dir.glob(self.scores_path.name + ".tmp-*"):  # left by a killed consolidation
+            stale.unlink(missing_ok=True)
+        tmp = _tmp_name(self.scores_path)
         with pq.ParquetWriter(tmp, self.schema, compression="zstd") as out:
             for shard_id in shard_ids:
                 out.write_table(pq.read_table(self._part(shard_id), schema=self.schema))
