@@ -87,6 +87,24 @@ def test_tiny_banks_and_repeated_rows() -> None:
     torch.testing.assert_close(got, ref_d, rtol=1e-5, atol=1e-5)  # the indices carry those distances
 
 
+def test_k1_cell_path_resolves_near_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries a rounding error apart: the k = 1 row-minimum path re-ranks them and finds the true one."""
+    base = blobs(400, 24, seed=9)
+    nudge = torch.randn(400, 24, generator=torch.Generator().manual_seed(10)) * 1e-5
+    bank = torch.cat([base, base + nudge])  # every entry has a twin a hair away
+    queries = near_and_far_queries(base, 800, seed=11)
+    index = KnnIndex.build(bank, n_cells=20)
+    calls = []
+    real_topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **kw: calls.append(a[0].shape) or real_topk(*a, **kw))
+    dist, idx = index.search(queries, 1)
+    exact = (bank[None] - queries[:, None]).pow(2).sum(2)  # the direct fp32 distances the index re-ranks by
+    best = exact.min(1).values
+    assert torch.equal(exact.gather(1, idx)[:, 0], best)  # the nearest twin (or one tied with it exactly)
+    assert torch.equal(dist[:, 0], best.sqrt())
+    assert calls  # the tied rows took the full top-k
+
+
 def test_bad_arguments_are_refused(index: KnnIndex) -> None:
     with pytest.raises(ValueError, match="k must be in"):
         index.search(torch.zeros(3, 37), index.bank.shape[0] + 1)
