@@ -264,7 +264,7 @@ class _MicroBatcher:
     def _submit(self, take: int) -> None:
         if not take:
             return
-        images = torch.cat(self.unscored)
+        images = self.unscored[0] if len(self.unscored) == 1 else torch.cat(self.unscored)
         for start in range(0, take, self.model_batch):
             self.stage.submit(images[start : min(take, start + self.model_batch)])
         self.unscored = [images[take:]] if take < len(images) else []

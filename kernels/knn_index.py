@@ -101,7 +101,8 @@ class KnnIndex:
         bank = bank.detach().float().cpu().contiguous()
         m = bank.shape[0]
         cells = n_cells or max(1, round(math.sqrt(m)))
-        with torch_threads(INDEX_THREADS):
+        # A few large GEMMs (k-means): the caller's threads help here, unlike in `search`.
+        with torch_threads(max(INDEX_THREADS, torch.get_num_threads())):
             centres = _kmeans(bank, min(cells, m), seed)
             # Final assignment in float64 so each cell is exactly the Voronoi cell of its centre,
             # which the bisector bound relies on; empty cells are dropped.
