@@ -24,7 +24,7 @@ from engine.api import fit, iter_image_batches, split_holdout  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.datasets import train_images  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
-from engine.features import patchcore_embedding, to_rows  # noqa: E402
+from engine.features import to_rows  # noqa: E402
 from engine.models.patchcore import project_for_coreset  # noqa: E402
 from kernels import knn  # noqa: E402
 
@@ -41,7 +41,7 @@ ROOTS = {"bottle": "mvtec_bottle", "pcb": "deeppcb"}
 def random_subset_radius(model, images: list[Path], seed: int) -> float:
     """Covering radius of a random subset the size of the bank, in the same projected space."""
     train, _ = split_holdout(images, model.cfg.holdout_fraction, model.cfg.seed)
-    rows = [to_rows(patchcore_embedding(model.features(b))).float() for b in iter_image_batches(train, model.input_size, 16, [])]
+    rows = [to_rows(model._embed(model.features(b))) for b in iter_image_batches(train, model.input_size, 16, [])]
     projected, _ = project_for_coreset(torch.cat(rows), model.cfg.projection_dim, model.cfg.seed)
     gen = torch.Generator().manual_seed(seed)
     subset = projected[torch.randperm(projected.shape[0], generator=gen)[: model.meta["bank_size"]]]

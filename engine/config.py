@@ -50,6 +50,9 @@ class FitConfig:
     coreset_ratio: float = 0.1
     projection_dim: int = 128  # random projection used only to select the coreset
     num_neighbors: int = 9  # reweighting neighbourhood of the image score
+    # Scale each layer's columns so every layer carries the same share of the training features'
+    # total variance (the official PatchCore code gives each layer the same dimension instead).
+    balance_layers: bool = True
     # PaDiM
     padim_features: int = 0  # 0 -> DEFAULT_PADIM_FEATURES[backbone]
     covariance_eps: float = -1.0  # < 0 -> DEFAULT_COVARIANCE_EPS[backbone]
