@@ -33,10 +33,14 @@ def test_off_means_unit_weights_and_old_files_load_unweighted() -> None:
 
 
 def test_fitted_model_scores_with_its_weights(tiny_patchcore) -> None:
-    weights = tiny_patchcore.column_weights
-    assert weights.shape == (sum(tiny_patchcore.extractor.channels),) and not bool((weights == 1).all())
-    maps = tiny_patchcore.features(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
-    emb = tiny_patchcore._embed(maps)
     from engine.features import patchcore_embedding
 
-    assert torch.allclose(emb, patchcore_embedding(maps).float() * weights.view(1, -1, 1, 1))
+    dim = sum(tiny_patchcore.extractor.channels)
+    assert torch.equal(tiny_patchcore.column_weights, torch.ones(dim))  # default: off
+    maps = tiny_patchcore.features(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+    plain = patchcore_embedding(maps).float()
+    assert torch.equal(tiny_patchcore._embed(maps), plain)
+    weights = torch.linspace(0.5, 2.0, dim)
+    balanced = _model(True)
+    balanced.column_weights = weights
+    assert torch.allclose(balanced._embed(maps), plain * weights.view(1, -1, 1, 1))
