@@ -71,8 +71,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu6: bool) -> nn.Module:
     if right == left + 1 and bottom == top + 1:
         # TF 'SAME' at stride 2: one leading zero row and column in the kernel, padding one more.
         return ConvAct(F.pad(weight, (1, 0, 1, 0)), bias, stride, (top + 1, left + 1), conv.groups, relu6)
-    layers: list[nn.Module] = [nn.ZeroPad2d((left, right, top, bottom)), ConvAct(weight, bias, stride, (0, 0), conv.groups, relu6)]
-    return nn.Sequential(*layers)
+    return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), ConvAct(weight, bias, stride, (0, 0), conv.groups, relu6))
 
 
 class FusedMBConv(nn.Module):

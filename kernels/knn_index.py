@@ -24,11 +24,12 @@ so the expansion cancels on numbers of the size of the distances themselves, not
 feature norms: results agree with a float64 brute force to ~1e-5 relative, and every bound carries
 a margin above that error (tests/test_kernels_knn_index.py). Speed: benchmarks/results/kernels_knn_cpu.json.
 
-Queries far from the whole bank, searched densely, on CPUs with native bf16 run the GEMM in bf16 (3x faster than fp32 there) and keep a wider candidate list, then prove it holds the
-true k nearest: with u = 2^-8 the bf16 dot product is off by at most 4u |q| |e|, so every entry left
-out is at least (its approximate distance - that bound) away; a query whose proof fails (0.1% of the far
-patches of the bottle test set; near queries, whose neighbours crowd within the bound, fail more) is
-redone in fp32. The answer is the same as the fp32 path's.
+Queries far from the whole bank, searched densely, run that GEMM in bf16 on CPUs with native bf16
+(3x faster than fp32 there) and keep a wider candidate list, then prove it holds the true k nearest:
+with u = 2^-8 the bf16 dot product is off by at most 4u |q| |e|, so every entry left out is at least
+(its approximate distance - twice that) away; a query whose proof fails (0.1% of the far patches of
+the bottle test set; near queries, whose neighbours crowd within the bound, fail more) is redone in
+fp32. The answer is the same as the fp32 path's.
 """
 
 from __future__ import annotations
@@ -83,9 +84,7 @@ class KnnIndex:
         self.residual_sq_max = torch.zeros(n_cells).scatter_reduce_(
             0, cell_of[order], self.residual_sq, "amax", include_self=False
         )
-        self.radii = torch.zeros(n_cells).scatter_reduce_(
-            0, cell_of[order], self.residual_sq.sqrt(), "amax", include_self=False
-        )
+        self.radii = self.residual_sq_max.sqrt()  # sqrt is monotonic: the max of the roots
         self.centre_dist = torch.cdist(centres.double(), centres.double()).float()
         # Transposed bf16 copy for dense searches where the CPU has native bf16 (else None).
         self.bank_c_bf16_t = self.bank_c.T.contiguous().bfloat16() if cpu_native_bf16() else None

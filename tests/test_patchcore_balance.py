@@ -42,5 +42,5 @@ def test_fitted_model_scores_with_its_weights(tiny_patchcore) -> None:
     assert torch.equal(tiny_patchcore._embed(maps), plain)
     weights = torch.linspace(0.5, 2.0, dim)
     balanced = _model(True)
-    balanced.column_weights = weights
+    balanced._set_column_weights(weights)
     assert torch.allclose(balanced._embed(maps), plain * weights.view(1, -1, 1, 1))

@@ -45,7 +45,7 @@ class PatchCore(AnomalyModel):
             filled += rows.shape[0]
         assert rows_store is not None, "no training batches"
         embeddings = rows_store[:filled]
-        self.column_weights = self._balance(embeddings)
+        self._set_column_weights(self._balance(embeddings))
         t1 = time.perf_counter()
         picks, radius = self._select_coreset(embeddings)
         t2 = time.perf_counter()
@@ -63,11 +63,11 @@ class PatchCore(AnomalyModel):
         training patches, V their total) applied in place, so each of the L layers carries V / L of
         the variance; ones when `balance_layers` is off. Lite0 blocks.2 + blocks.4 on bottle: 1.20 /
         0.87 (pcb 1.07 / 0.95); pcb image AUROC 0.7016 -> 0.7048, bottle pixel AUROC 0.9832 -> 0.9846
-        (benchmarks/results/fit_accuracy_cpu.json)."""
+        (benchmarks/results/fit_accuracy_cpu_balance_layers.json)."""
         dim = embeddings.shape[1]
-        weights = torch.ones(dim)
-        if not self.cfg.balance_layers or len(self.extractor.channels) < 2:
-            return weights
+        channels = list(self.extractor.channels)
+        if not self.cfg.balance_layers or len(channels) < 2:
+            return torch.ones(dim)
         total = torch.zeros(dim, dtype=torch.float64)
         total_sq = torch.zeros(dim, dtype=torch.float64)
         for start in range(0, embeddings.shape[0], 65536):
@@ -76,22 +76,23 @@ class PatchCore(AnomalyModel):
             total_sq += chunk.pow(2).sum(0)
         n = embeddings.shape[0]
         col_var = (total_sq - total.pow(2) / n) / max(1, n - 1)
-        bounds = [0, *torch.tensor(self.extractor.channels).cumsum(0).tolist()]
-        layer_var = torch.stack([col_var[a:b].sum() for a, b in zip(bounds, bounds[1:])])
-        scale = (layer_var.sum() / (len(layer_var) * layer_var.clamp_min(1e-12))).sqrt().float()
-        for (a, b), w in zip(zip(bounds, bounds[1:]), scale.tolist()):
-            weights[a:b] = w
+        layer_var = torch.stack([part.sum() for part in col_var.split(channels)])
+        scale = (layer_var.sum() / (len(channels) * layer_var.clamp_min(1e-12))).sqrt().float()
+        weights = scale.repeat_interleave(torch.tensor(channels))
         for start in range(0, n, 65536):
             embeddings[start : start + 65536] *= weights.to(embeddings.dtype)
         return weights
 
+    def _set_column_weights(self, weights: torch.Tensor) -> None:
+        self.column_weights = weights.float().cpu()
+        # Unit weights (the default) cost nothing per batch; others are kept on the device, shaped.
+        unit = bool((self.column_weights == 1).all())
+        self._column_scale = None if unit else self.column_weights.to(self.device).view(1, -1, 1, 1)
+
     def _embed(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
         """Patch embeddings with the fitted column weights applied, (B, C, H, W) float32."""
         emb = patchcore_embedding(feature_maps).float()
-        weights = getattr(self, "column_weights", None)
-        if weights is not None and not bool((weights == 1).all()):
-            emb = emb * weights.to(emb.device).view(1, -1, 1, 1)
-        return emb
+        return emb if self._column_scale is None else emb * self._column_scale
 
     def _select_coreset(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Greedy k-center on a seeded Gaussian random projection of the embeddings."""
@@ -148,13 +149,12 @@ class PatchCore(AnomalyModel):
         return weights * score
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        weights = getattr(self, "column_weights", torch.ones(self.bank.shape[1]))
-        return {"bank": self.bank.detach().float().cpu().contiguous(), "column_weights": weights.float().cpu().contiguous()}
+        return {"bank": self.bank.detach().float().cpu().contiguous(), "column_weights": self.column_weights.contiguous()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self._set_bank(tensors["bank"].float())
         # Files from before layer balancing hold no weights: their banks are unweighted.
-        self.column_weights = tensors.get("column_weights", torch.ones(self.bank.shape[1])).float()
+        self._set_column_weights(tensors.get("column_weights", torch.ones(self.bank.shape[1])))
 
     def extra_meta(self) -> dict:
         bank = getattr(self, "bank", None)
