@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import kernels.coreset_cpu as coreset_cpu
+from kernels._threads import torch_threads
 from kernels.coreset import greedy_kcenter_torch, greedy_kcenter_with_radius
 
 
@@ -74,35 +75,30 @@ def coreset_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     brute_ceiling = bandwidth / (x.shape[0] * x.shape[1] * 4)  # picks/s if each pick reads x once
     records: list[dict[str, Any]] = []
     if device == "cpu" and not args.smoke:
-        best = None
-        for leaf in (32, 64, 128):
-            (idx, radius), wall, cpu = timed(lambda: coreset_cpu.greedy_kcenter_pruned(x, picks, leaf_size=leaf))
-            records.append(_rec(case, f"pruned exact, leaf {leaf}", wall, cpu, picks, radius=radius))
-            best = idx if leaf == coreset_cpu.DEFAULT_LEAF_SIZE else best
-        before = coreset_cpu.PICK_THREADS
-        coreset_cpu.PICK_THREADS = 2
-        try:
-            _, wall, cpu = timed(lambda: coreset_cpu.greedy_kcenter_pruned(x, picks))
-        finally:
-            coreset_cpu.PICK_THREADS = before
-        records.append(_rec(case, "pruned exact, 2 torch threads", wall, cpu, picks))
         reference = _brute_force_record(x, picks, args.verify, case, brute_ceiling, records)
-        if reference is not None:
-            agree = int((best == reference).cumprod(0).sum())
-            records[1]["check"] = f"first {agree} of {picks} picks equal the brute force"
+        variants = [(f"lazy exact, {c} candidates", c, None) for c in (2048, coreset_cpu.DEFAULT_CANDIDATES, 8192)]
+        variants.append((f"lazy exact, {coreset_cpu.DEFAULT_CANDIDATES} candidates, 1 torch thread", coreset_cpu.DEFAULT_CANDIDATES, 1))
+        for name, candidates, threads in variants:
+            with torch_threads(threads or torch.get_num_threads()):
+                (idx, radius), wall, cpu = timed(lambda: coreset_cpu.greedy_kcenter_lazy(x, picks, candidates=candidates))
+            agree = int((idx[: len(reference)] == reference).cumprod(0).sum())
+            check = f"first {agree} of {len(reference)} picks equal the brute force"
+            records.append(_rec(case, name, wall, cpu, picks, radius=radius, check=check))
+            args.on_progress(records)
         return records
     return _coreset_device(x.to(device), picks, case, brute_ceiling, device, args)
 
 
-def _brute_force_record(x, picks, full, case, ceiling, records) -> torch.Tensor | None:
-    """Brute force in full (--verify) or its first picks, extrapolated: its cost per pick is flat."""
+def _brute_force_record(x, picks, full, case, ceiling, records) -> torch.Tensor:
+    """Brute force in full (--verify) or its first picks, extrapolated (its cost per pick is flat);
+    returns the picks it made, the reference for the others."""
     probe = picks if full else min(picks, 300)
     idx, wall, cpu = timed(lambda: greedy_kcenter_torch(x, probe))
     scale = picks / probe
     rec = _rec(case, "brute force (reference)" + ("" if full else f", {probe} picks extrapolated"),
                wall * scale, cpu * scale, picks, ceiling=ceiling)
     records.append(rec)
-    return idx if full else None
+    return idx
 
 
 def _coreset_device(xg, picks, case, ceiling, device, args) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ triton -> Triton; on CPU tensors this needs TRITON_INTERPRET=1 set before Triton
 torch  -> the plain torch implementation
 
 CPU fast paths that keep the exact results: kernels.knn_index.KnnIndex (kNN against a fixed bank)
-and kernels.coreset_cpu (pruned greedy k-center, used by greedy_kcenter on CPU tensors).
+and kernels.coreset_cpu (lazy greedy k-center, used by greedy_kcenter on CPU tensors).
 """
 
 from __future__ import annotations

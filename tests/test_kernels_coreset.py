@@ -1,4 +1,4 @@
-"""Greedy k-center: the pruned CPU path and the dispatcher against brute force references."""
+"""Greedy k-center: the lazy CPU path and the dispatcher against brute force references."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kernels.coreset import greedy_kcenter, greedy_kcenter_torch, greedy_kcenter_with_radius
-from kernels.coreset_cpu import balanced_leaves, greedy_kcenter_pruned
+import kernels.coreset_cpu as coreset_cpu
+from kernels.coreset_cpu import greedy_kcenter_lazy
 
 
 def clustered(n_rows: int, dim: int, n_clusters: int = 12, seed: int = 0) -> torch.Tensor:
@@ -29,65 +30,76 @@ def brute_float64(x: torch.Tensor, n: int, start: int) -> tuple[torch.Tensor, fl
     return torch.tensor(picks[:n]), float(min_d2.max().clamp_min(0).sqrt())
 
 
-@pytest.mark.parametrize("leaf_size", [16, 64])
-def test_pruned_equals_brute_force_on_clusters(leaf_size: int) -> None:
-    x = clustered(2001, 16)  # 2001 is not a multiple of any leaf size
-    picks, radius = greedy_kcenter_pruned(x, 200, start=7, leaf_size=leaf_size)
+@pytest.mark.parametrize("candidates", [4, 50, 5000])
+def test_lazy_equals_brute_force_on_clusters(candidates: int) -> None:
+    # 4 candidates: hundreds of rounds, rows refreshed from many different points; 5000: one round
+    x = clustered(2001, 16)
+    picks, radius = greedy_kcenter_lazy(x, 200, start=7, candidates=candidates)
     assert torch.equal(picks, greedy_kcenter_torch(x, 200, start=7))
     ref_picks, ref_radius = brute_float64(x, 200, 7)
     assert torch.equal(picks, ref_picks)
     assert radius == pytest.approx(ref_radius, rel=1e-5)
 
 
-def test_pruned_all_rows_and_one_row() -> None:
+def test_small_refresh_blocks_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # blocks of 16 rows x 16 picks: every refresh spans many GEMM blocks in both directions
+    x = clustered(3000, 24, seed=6)
+    expected = greedy_kcenter_torch(x, 300, start=5)
+    monkeypatch.setattr(coreset_cpu, "REFRESH_BLOCK", 16)
+    picks, _ = greedy_kcenter_lazy(x, 300, start=5, candidates=32)
+    assert torch.equal(picks, expected)
+
+
+def test_lazy_all_rows_and_one_row() -> None:
     x = clustered(517, 9, seed=1)
-    every, radius = greedy_kcenter_pruned(x, 517, start=3, leaf_size=32)
+    every, radius = greedy_kcenter_lazy(x, 517, start=3, candidates=16)
     assert torch.equal(every, greedy_kcenter_torch(x, 517, start=3))
     assert sorted(every.tolist()) == list(range(517))
     assert radius == 0.0
-    one, radius_one = greedy_kcenter_pruned(x, 1, start=3, leaf_size=32)
+    one, radius_one = greedy_kcenter_lazy(x, 1, start=3)
     assert one.tolist() == [3]
     assert radius_one == pytest.approx(float(torch.cdist(x[3:4].double(), x.double()).max()), rel=1e-5)
 
 
-def test_repeated_rows_give_distinct_picks() -> None:
+@pytest.mark.parametrize("candidates", [3, 64])
+def test_repeated_rows_give_distinct_picks(candidates: int) -> None:
     base = clustered(40, 5, seed=2)
     x = torch.cat([base, base, base[:10]])  # every row at least twice
-    picks = greedy_kcenter_pruned(x, 90, leaf_size=16)[0]
+    picks = greedy_kcenter_lazy(x, 90, candidates=candidates)[0]
     assert len(set(picks.tolist())) == 90
-    # Repeated rows tie exactly; both paths take the lowest row id among the farthest.
+    # Repeated rows tie exactly, also across a round's threshold; both paths take the lowest row id.
     assert torch.equal(picks, greedy_kcenter_torch(x, 90))
     # once each distinct row is picked the rest are at distance 0: the first 40 picks cover all
-    first, radius = greedy_kcenter_pruned(x, 40, leaf_size=16)
+    first, radius = greedy_kcenter_lazy(x, 40, candidates=candidates)
     assert radius == 0.0
     assert len({tuple(r) for r in x[first].tolist()}) == 40
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_near_equal_distances_are_told_apart(sign: float) -> None:
-    # Squared distances 546.33325 and the next float up: their fp32 square roots can coincide
-    # (numpy's vectorised sqrt here), so picks must be decided on the squared values.
+    # Squared distances 546.33325 and the next float up: their fp32 square roots can coincide,
+    # so picks must be decided on the squared values.
     near = torch.tensor([[10.0, 21.1266]])  # (10^2 + 21.1266^2) rounds to 546.33325
     far = -torch.tensor([[10.0, 21.126602]])  # rounds to the next float, 546.3333
     assert float((far**2).sum()) > float((near**2).sum())
     filler = torch.randn(60, 2, generator=torch.Generator().manual_seed(5)) * 0.1
     x = torch.cat([torch.zeros(1, 2), sign * near, sign * far, filler])
-    picks, _ = greedy_kcenter_pruned(x, 2, start=0, leaf_size=16)
-    assert picks.tolist() == [0, 2]
+    for candidates in (1, 2, 100):
+        picks, _ = greedy_kcenter_lazy(x, 2, start=0, candidates=candidates)
+        assert picks.tolist() == [0, 2]
     assert torch.equal(picks, greedy_kcenter_torch(x, 2, start=0))
 
 
-def test_leaves_are_balanced_and_cover_every_row() -> None:
-    x = clustered(1000, 6, seed=3)
-    leaves = balanced_leaves(x, 64)
-    sizes = (leaves >= 0).sum(1)
-    assert leaves.shape == (16, 64)
-    assert int(sizes.min()) >= 62 and int(sizes.max()) <= 64
-    assert sorted(leaves[leaves >= 0].tolist()) == list(range(1000))
+def test_far_offset_rows_stay_exact() -> None:
+    # Rows far from the origin with small spreads: the GEMM bound's rounding allowance matters.
+    x = clustered(1500, 32, seed=7) * 0.05 + 300.0
+    picks, radius = greedy_kcenter_lazy(x, 150, start=2, candidates=8)
+    assert torch.equal(picks, greedy_kcenter_torch(x, 150, start=2))
+    assert radius == pytest.approx(brute_float64(x, 150, 2)[1], rel=1e-4)
 
 
 def test_dispatch_on_cpu_matches_reference_and_reports_radius() -> None:
-    x = clustered(4200, 8, seed=4)  # above PRUNED_MIN_ROWS: the pruned path
+    x = clustered(4200, 8, seed=4)
     picks, radius = greedy_kcenter_with_radius(x, 120, start=11)
     assert torch.equal(picks, greedy_kcenter_torch(x, 120, start=11))
     assert torch.equal(greedy_kcenter(x, 120, start=11), picks)
