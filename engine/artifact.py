@@ -136,8 +136,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", weight
     tensors = _read_tensors(model_dir / TENSORS_FILE, meta)
     try:
         overrides = {"weights": str(weights)} if weights else {}
-        # Files written before `precision` / `balance_layers` existed: fp32 CPU features, raw layers.
-        old = {"precision": "fp32", "balance_layers": False}
+        # Files written before `precision` / layer balancing existed: fp32 CPU features, raw layers.
+        old = {"precision": "fp32", "layer_balance": "none"}
         cfg = config_from_dict({**old, **meta["config"], **overrides}).resolved()
     except ConfigError as exc:
         raise ModelFileError(f"{model_dir / META_FILE} has an invalid config: {exc}") from exc

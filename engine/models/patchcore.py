@@ -1,7 +1,8 @@
 """PatchCore (Roth et al. 2022): a coreset memory bank of normal patch features, nearest-neighbour scores.
 
-fit:   patch embeddings of every training image -> random projection (selection only) -> greedy
-       k-center coreset of `coreset_ratio` of the patches -> memory bank (full-dimensional rows).
+fit:   patch embeddings of every training image -> per-layer weights (`layer_balance`) -> random
+       projection (selection only) -> greedy k-center coreset of `coreset_ratio` of the patches ->
+       memory bank (full-dimensional weighted rows).
 score: patch score = distance to the nearest bank row; map = patch scores upsampled to the input and
        blurred (sigma 4); image score = the max patch score reweighted by 1 - softmax over the distances
        from that patch to the `num_neighbors` bank rows nearest its nearest bank row (the paper's eq. 7).
@@ -22,6 +23,8 @@ from kernels.knn_index import KnnIndex
 
 # Above this many bytes of float32 training embeddings, they are kept in float16 during the fit.
 EMBEDDING_FP32_BUDGET = 2 * 1024**3
+# Training patches left out of the coreset whose nearest-entry residuals set `layer_balance: nearest`.
+NEAREST_SAMPLE = 20_000
 
 
 class PatchCore(AnomalyModel):
@@ -45,43 +48,78 @@ class PatchCore(AnomalyModel):
             filled += rows.shape[0]
         assert rows_store is not None, "no training batches"
         embeddings = rows_store[:filled]
-        self._set_column_weights(self._balance(embeddings))
         t1 = time.perf_counter()
-        picks, radius = self._select_coreset(embeddings)
+        picks, radius = self._balance_layers(embeddings)
         t2 = time.perf_counter()
         self._set_bank(embeddings[picks].float())
         self.fit_stats.update(
             training_patches=int(embeddings.shape[0]),
             bank_size=int(picks.numel()),
             coreset_covering_radius_projected=radius,
+            layer_weights=[round(float(w), 4) for w in self._layer_weights()],
             seconds_features=round(t1 - t0, 3),
             seconds_coreset=round(t2 - t1, 3),
         )
 
-    def _balance(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Per-column weights w_l = sqrt(V / (L V_l)) (V_l: layer l's summed column variances on the
-        training patches, V their total) applied in place, so each of the L layers carries V / L of
-        the variance; ones when `balance_layers` is off. Lite0 blocks.2 + blocks.4 on bottle: 1.20 /
-        0.87 (pcb 1.07 / 0.95); pcb image AUROC 0.7016 -> 0.7048, bottle pixel AUROC 0.9832 -> 0.9846
-        (benchmarks/results/fit_accuracy_cpu_balance_layers.json)."""
-        dim = embeddings.shape[1]
+    def _balance_layers(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Layer weights per `layer_balance`, applied to the embeddings in place, and the coreset
+        (picks, covering radius) selected on the weighted embeddings."""
         channels = list(self.extractor.channels)
-        if not self.cfg.balance_layers or len(channels) < 2:
-            return torch.ones(dim)
-        total = torch.zeros(dim, dtype=torch.float64)
-        total_sq = torch.zeros(dim, dtype=torch.float64)
+        mode = self.cfg.layer_balance if len(channels) > 1 else "none"
+        if mode == "variance":
+            share = self._layer_variances(embeddings, channels)
+        elif mode == "nearest":
+            picks, _ = self._select_coreset(embeddings)
+            share = self._layer_nearest_shares(embeddings, picks, channels)
+        else:
+            share = torch.ones(len(channels), dtype=torch.float64)
+        # w_l^2 share_l equal for every layer; the weights' product is 1.
+        layer_w = (share.log().mean().exp() / share.clamp_min(1e-12)).sqrt().float()
+        weights = layer_w.repeat_interleave(torch.tensor(channels))
+        self._set_column_weights(weights)
+        if mode == "none":
+            return self._select_coreset(embeddings)
+        for start in range(0, embeddings.shape[0], 65536):
+            embeddings[start : start + 65536] *= weights.to(embeddings.dtype)
+        return self._select_coreset(embeddings)
+
+    @staticmethod
+    def _layer_variances(embeddings: torch.Tensor, channels: list[int]) -> torch.Tensor:
+        """Each layer's summed column variances over the training patches (float64)."""
+        total = torch.zeros(embeddings.shape[1], dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
         for start in range(0, embeddings.shape[0], 65536):
             chunk = embeddings[start : start + 65536].double()
             total += chunk.sum(0)
             total_sq += chunk.pow(2).sum(0)
         n = embeddings.shape[0]
         col_var = (total_sq - total.pow(2) / n) / max(1, n - 1)
-        layer_var = torch.stack([part.sum() for part in col_var.split(channels)])
-        scale = (layer_var.sum() / (len(channels) * layer_var.clamp_min(1e-12))).sqrt().float()
-        weights = scale.repeat_interleave(torch.tensor(channels))
-        for start in range(0, n, 65536):
-            embeddings[start : start + 65536] *= weights.to(embeddings.dtype)
-        return weights
+        return torch.stack([part.sum() for part in col_var.split(channels)])
+
+    def _layer_nearest_shares(self, embeddings: torch.Tensor, picks: torch.Tensor, channels: list[int]) -> torch.Tensor:
+        """Each layer's mean squared part of the residual from a training patch left out of the
+        coreset to its nearest coreset entry (a seeded sample of NEAREST_SAMPLE patches; float64)."""
+        left_out = torch.ones(embeddings.shape[0], dtype=torch.bool)
+        left_out[picks] = False
+        rest = left_out.nonzero().squeeze(1)
+        if rest.numel() == 0:
+            return torch.ones(len(channels), dtype=torch.float64)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        sample = rest[torch.randperm(rest.numel(), generator=gen)[:NEAREST_SAMPLE]]
+        bank = embeddings[picks].float()
+        bank_sq = knn.sq_norms(bank)
+        sums = torch.zeros(len(channels), dtype=torch.float64)
+        for block in sample.split(4096):
+            queries = embeddings[block].float()
+            _, nearest = knn.topk(queries, bank, 1, bank_sq_norms=bank_sq)
+            residual = (queries - bank[nearest[:, 0]]).double()
+            sums += torch.stack([part.pow(2).sum() for part in residual.split(channels, 1)])
+        return sums / sample.numel()
+
+    def _layer_weights(self) -> list[float]:
+        """One weight per layer (the fitted column weights are constant within a layer)."""
+        firsts = torch.tensor([0, *self.extractor.channels[:-1]]).cumsum(0)
+        return self.column_weights[firsts].tolist()
 
     def _set_column_weights(self, weights: torch.Tensor) -> None:
         self.column_weights = weights.float().cpu()
