@@ -35,13 +35,26 @@ class ScoringModel(Protocol):
 
 
 def _read_mask(item: TestItem, size: int) -> np.ndarray:
+    """The item's mask resized (nearest) to size x size, as its image is; refused unless the mask
+    has its image's size (either orientation: EXIF rotation may transpose the image)."""
     if item.mask is None:
         return np.zeros((size, size), dtype=bool)
     try:
         with Image.open(item.mask) as img:
+            mask_size = img.size
             mask = img.convert("L").resize((size, size), Image.Resampling.NEAREST)
     except OSError as exc:
         raise DataError(f"cannot read ground-truth mask {item.mask}: {exc}") from exc
+    try:
+        with Image.open(item.path) as img:
+            image_size = img.size
+    except OSError:
+        return np.asarray(mask) > 0  # an unreadable image is reported when it is decoded
+    if mask_size not in (image_size, image_size[::-1]):
+        raise DataError(
+            f"ground-truth mask {item.mask} is {mask_size[0]}x{mask_size[1]} but its image {item.path} is "
+            f"{image_size[0]}x{image_size[1]}; a mask must have its image's size"
+        )
     return np.asarray(mask) > 0
 
 
@@ -107,8 +120,8 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     items = test_items(Path(root), category)
+    masks = np.stack([_read_mask(item, int(model.input_size)) for item in items])  # checked before scoring
     scores, maps, seconds = score_items(model, items, batch_size=batch_size, progress=progress)
-    masks = np.stack([_read_mask(item, int(model.input_size)) for item in items])
     labels = np.array([item.label for item in items], dtype=np.int64)
     defects = np.array([item.defect for item in items])
 

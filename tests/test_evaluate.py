@@ -138,6 +138,15 @@ def test_one_good_image_only_gives_undefined_pixel_free_metrics(
     assert "n/a" in format_table(result)
 
 
+def test_mask_of_another_size_is_refused(mean_model: MeanImageModel, bottle_root: Path, tmp_path: Path) -> None:
+    cat = _tiny_layout(bottle_root, tmp_path)
+    mask_path = cat / "ground_truth" / "broken_large" / "000_mask.png"
+    with Image.open(mask_path) as mask:
+        mask.resize((mask.width // 2, mask.height)).save(mask_path)
+    with pytest.raises(DataError, match=r"000_mask.png is \d+x\d+ but its image .*000.png is"):
+        evaluate(mean_model, cat)
+
+
 def test_not_an_mvtec_folder(mean_model: MeanImageModel, tmp_path: Path) -> None:
     with pytest.raises(DataError):
         evaluate(mean_model, tmp_path)
