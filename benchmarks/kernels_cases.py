@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 import kernels.coreset_cpu as coreset_cpu
-from kernels._threads import torch_threads
 from kernels.coreset import greedy_kcenter_torch, greedy_kcenter_with_radius
 
 
@@ -76,11 +75,13 @@ def coreset_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     if device == "cpu" and not args.smoke:
         reference = _brute_force_record(x, picks, args.verify, case, brute_ceiling, records)
-        variants = [(f"lazy exact, {c} candidates", c, None) for c in (2048, coreset_cpu.DEFAULT_CANDIDATES, 8192)]
-        variants.append((f"lazy exact, {coreset_cpu.DEFAULT_CANDIDATES} candidates, 1 torch thread", coreset_cpu.DEFAULT_CANDIDATES, 1))
+        default = coreset_cpu.DEFAULT_CANDIDATES
+        variants = [(f"lazy exact, {c} candidates", c, None) for c in (2048, default, 8192)]
+        variants.append((f"lazy exact, {default} candidates, refreshes on 2 threads", default, 2))
         for name, candidates, threads in variants:
-            with torch_threads(threads or torch.get_num_threads()):
-                (idx, radius), wall, cpu = timed(lambda: coreset_cpu.greedy_kcenter_lazy(x, picks, candidates=candidates))
+            (idx, radius), wall, cpu = timed(
+                lambda: coreset_cpu.greedy_kcenter_lazy(x, picks, candidates=candidates, threads=threads)
+            )
             agree = int((idx[: len(reference)] == reference).cumprod(0).sum())
             check = f"first {agree} of {len(reference)} picks equal the brute force"
             records.append(_rec(case, name, wall, cpu, picks, radius=radius, check=check))

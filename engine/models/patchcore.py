@@ -77,10 +77,9 @@ class PatchCore(AnomalyModel):
         layer_w = (share.log().mean().exp() / share.clamp_min(1e-12)).sqrt().float()
         weights = layer_w.repeat_interleave(torch.tensor(channels))
         self._set_column_weights(weights)
-        if mode == "none":
-            return self._select_coreset(embeddings)
-        for start in range(0, embeddings.shape[0], 65536):
-            embeddings[start : start + 65536] *= weights.to(embeddings.dtype)
+        if mode != "none":
+            for start in range(0, embeddings.shape[0], 65536):
+                embeddings[start : start + 65536] *= weights.to(embeddings.dtype)
         return self._select_coreset(embeddings)
 
     @staticmethod
@@ -106,13 +105,13 @@ class PatchCore(AnomalyModel):
             return torch.ones(len(channels), dtype=torch.float64)
         gen = torch.Generator().manual_seed(self.cfg.seed)
         sample = rest[torch.randperm(rest.numel(), generator=gen)[:NEAREST_SAMPLE]]
-        bank = embeddings[picks].float()
+        bank = embeddings[picks].float().to(self.device)
         bank_sq = knn.sq_norms(bank)
         sums = torch.zeros(len(channels), dtype=torch.float64)
         for block in sample.split(4096):
-            queries = embeddings[block].float()
+            queries = embeddings[block].float().to(self.device)
             _, nearest = knn.topk(queries, bank, 1, bank_sq_norms=bank_sq)
-            residual = (queries - bank[nearest[:, 0]]).double()
+            residual = (queries - bank[nearest[:, 0]]).double().cpu()
             sums += torch.stack([part.pow(2).sum() for part in residual.split(channels, 1)])
         return sums / sample.numel()
 
