@@ -42,12 +42,14 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="backbone arithmetic; auto = bf16 where the hardware has it natively (recorded in the model)")
+    p.add_argument("--layer-balance", choices=["nearest", "variance", "none"], dest="layer_balance",
+                   help="PatchCore per-layer weights (default nearest: equal shares of the nearest-entry residuals)")
     p.add_argument("--force", action="store_true", help="overwrite an existing model directory")
     p.set_defaults(func=run_fit)
 
 
 FIT_KEYS = ("method", "backbone", "weights", "layers", "input_size", "coreset_ratio", "holdout_fraction",
-            "target_false_alarm_rate", "seed", "batch_size", "device", "precision")
+            "target_false_alarm_rate", "seed", "batch_size", "device", "precision", "layer_balance")
 
 
 def run_fit(args: argparse.Namespace) -> int:

@@ -44,6 +44,17 @@ def test_fit_then_eval_on_a_folder(demo_root: Path, tmp_path: Path) -> None:
     assert "img AUROC" in run.stdout
 
 
+def test_fit_layer_balance_flag_reaches_the_model(demo_root: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    run = vade("fit", str(demo_root), "--category", "weave", "--out", str(model), "--input-size", "64",
+               "--coreset-ratio", "0.25", "--layer-balance", "variance", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["config"]["layer_balance"] == "variance"
+    weights = meta["fit"]["layer_weights"]
+    assert len(weights) == 2 and weights[0] != 1.0 and weights[0] * weights[1] == pytest.approx(1.0, rel=1e-3)
+
+
 def test_errors_are_one_clear_line(tmp_path: Path) -> None:
     run = vade("eval", str(tmp_path / "missing"), str(tmp_path))
     assert run.returncode == 2
