@@ -17,7 +17,7 @@ from engine.artifact import load_model as load
 from engine.calibration import calibrate
 from engine.config import FitConfig
 from engine.decode import read_rgb, to_tensor
-from engine.errors import DataError, DecodeError
+from engine.errors import DataError, DecodeError, WeightsError
 from engine.models import MODELS, AnomalyModel
 from engine.models.base import resolve_device
 
@@ -61,6 +61,17 @@ def _raw_scores(model: AnomalyModel, paths: Sequence[Path], skipped: list[tuple[
     return torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)
 
 
+def _finite(feature_maps: list[torch.Tensor], cfg: FitConfig) -> list[torch.Tensor]:
+    """The backbone's feature maps, refused if any value is NaN or infinite (broken weights)."""
+    for name, fmap in zip(cfg.layers, feature_maps):
+        if not bool(torch.isfinite(fmap).all()):
+            raise WeightsError(
+                f"{cfg.backbone} layer {name} produced NaN or infinite features on normal images; "
+                f"the backbone weights{f' ({cfg.weights})' if cfg.weights else ''} are broken or not this backbone's"
+            )
+    return feature_maps
+
+
 def fit(images: Sequence[str | Path], cfg: FitConfig | None = None, progress: Progress | None = None) -> AnomalyModel:
     """Fit a model on normal images and calibrate its threshold on a seeded hold-out of them."""
     say = progress or (lambda msg: None)
@@ -75,7 +86,8 @@ def fit(images: Sequence[str | Path], cfg: FitConfig | None = None, progress: Pr
         f"{len(holdout)} held out for the threshold")
     skipped: list[tuple[str, str]] = []
     t0 = time.perf_counter()
-    batches = (model.features(b) for b in iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped))
+    images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped)
+    batches = (_finite(model.features(b), cfg) for b in images_in)
     model.fit_features(batches, len(train))
     t1 = time.perf_counter()
     source = "holdout" if holdout else "train"
