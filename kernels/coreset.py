@@ -106,6 +106,8 @@ def _check(x: torch.Tensor, n: int, start: int) -> None:
         raise ValueError(f"n must be in [1, rows = {x.shape[0]}], got {n}")
     if not 0 <= start < x.shape[0]:
         raise ValueError(f"start must be a row index in [0, {x.shape[0]}), got {start}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x must be finite: it holds NaN or infinite values, which have no farthest row")
 
 
 def _brute_force(x: torch.Tensor, n: int, start: int) -> tuple[torch.Tensor, float]:

@@ -96,8 +96,9 @@ class _LazyKCenter:
         """
         value = self.values[rows]
         low = torch.addmm(new_low[None, :], self.centred.index_select(0, rows), new_centred.T, alpha=-2.0)
-        row_low = self.low_sq[rows]
-        best_upper = low.amin(1) + row_low + 2 * self.err * self.sq[rows] + new_slack
+        row_sq = self.sq[rows]
+        row_low = row_sq * (1 - self.err)
+        best_upper = low.amin(1) + row_low + 2 * self.err * row_sq + new_slack
         limit = torch.minimum(value, best_upper) * (1 + self.tol) - row_low
         limit = torch.where(value > 0, limit, float("-inf"))  # picked or on a pick: nothing to lower
         at, col = (low <= limit[:, None]).nonzero(as_tuple=True)

@@ -113,3 +113,10 @@ def test_dispatch_on_cpu_matches_reference_and_reports_radius() -> None:
 def test_bad_arguments_are_refused(n: int, start: int) -> None:
     with pytest.raises(ValueError, match="must be"):
         greedy_kcenter(torch.zeros(10, 3), n, start=start)
+
+
+def test_non_finite_rows_are_refused() -> None:
+    x = clustered(50, 4)
+    x[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="must be finite"):
+        greedy_kcenter(x, 5)

@@ -22,7 +22,7 @@ def test_variance_mode_equalises_layer_variances_in_place() -> None:
     c1, c2 = model.extractor.channels  # Lite0 blocks.2 + blocks.4: 40 + 112
     rows = _rows(c1, c2, 3.0, 0.5)
     original = rows.clone()
-    model._balance_layers(rows)
+    model._weighted_coreset(rows)
     weights = model.column_weights
     var = rows.var(0)
     assert torch.allclose(var[:c1].sum(), var[c1:].sum(), rtol=1e-3)
@@ -42,7 +42,7 @@ def test_nearest_mode_weights_the_layer_with_larger_residuals_down() -> None:
     layer2 = torch.randn(4000, c2, generator=gen) * 0.3
     rows = torch.cat([layer1, layer2], 1)
     original = rows.clone()
-    picks, radius = model._balance_layers(rows)
+    picks, radius = model._weighted_coreset(rows)
     w1, w2 = model._layer_weights()
     assert w1 > 1 > w2  # the spread-out but well-covered layer counts more than the noisy one
     assert w1 * w2 == pytest.approx(1.0, rel=1e-5)
@@ -50,7 +50,7 @@ def test_nearest_mode_weights_the_layer_with_larger_residuals_down() -> None:
     assert picks.numel() == 400 and radius > 0
     # the variance rule would do the opposite here: layer 1 has far more variance
     variance = _model("variance")
-    variance._balance_layers(original.clone())
+    variance._weighted_coreset(original.clone())
     assert variance._layer_weights()[0] < 1
 
 
@@ -58,7 +58,7 @@ def test_none_means_unit_weights_and_old_files_load_unweighted() -> None:
     model = _model("none")
     rows = torch.randn(300, sum(model.extractor.channels))
     before = rows.clone()
-    model._balance_layers(rows)
+    model._weighted_coreset(rows)
     assert torch.equal(model.column_weights, torch.ones(rows.shape[1])) and torch.equal(rows, before)
     model.load_tensors({"bank": torch.randn(50, rows.shape[1])})  # a file from before balancing
     assert torch.equal(model.column_weights, torch.ones(rows.shape[1]))

@@ -49,7 +49,7 @@ class PatchCore(AnomalyModel):
         assert rows_store is not None, "no training batches"
         embeddings = rows_store[:filled]
         t1 = time.perf_counter()
-        picks, radius = self._balance_layers(embeddings)
+        picks, radius = self._weighted_coreset(embeddings)
         t2 = time.perf_counter()
         self._set_bank(embeddings[picks].float())
         self.fit_stats.update(
@@ -61,7 +61,7 @@ class PatchCore(AnomalyModel):
             seconds_coreset=round(t2 - t1, 3),
         )
 
-    def _balance_layers(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _weighted_coreset(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Layer weights per `layer_balance`, applied to the embeddings in place, and the coreset
         (picks, covering radius) selected on the weighted embeddings."""
         channels = list(self.extractor.channels)
