@@ -5,11 +5,11 @@
 On a local cluster of `--workers` processes (one thread each, as `vade scan --workers N` makes):
   1. bulk: N no-op tasks submitted at once (client.map) and waited for: scheduler throughput;
   2. windowed: N no-op tasks with one in flight per worker thread, the next submitted when one
-     finishes (as_completed) - the pattern engine.distributed's driver uses; its per-task time is
+     finishes (as_completed) - the pattern engine.distributed.driver's driver uses; its per-task time is
      the gap a worker sits idle between two shards;
   3. windowed, each task carrying a 1,024-record shard as the driver ships it (PackedShard), and
      for comparison as a Shard of Record objects (300 tasks);
-  4. a real shard task (engine.distributed_worker.scan_piece on a 64 px model) with 8 and with 32
+  4. a real shard task (engine.distributed.worker.scan_piece on a 64 px model) with 8 and with 32
      images per shard: the difference gives the fixed cost per shard (scheduler round trip, open the
      scan, build the decoder, start and drain the loader/writer threads, write a Parquet part and a
      marker) apart from per-image work;
@@ -69,8 +69,8 @@ def _shard_payload(size: int, packed: bool = True):
     """A shard of `size` records with archive-like paths, as the driver ships it (packed) or as Record objects."""
     import pyarrow as pa
 
-    from engine.distributed_worker import PackedShard
-    from engine.sources import Record, Shard
+    from engine.distributed.worker import PackedShard
+    from engine.inputs.sources import Record, Shard
 
     base = "/data/archive/2024/site-0042/camera-07/frame_"
     shard = Shard(7, 7 * size, [Record(7 * size + i, f"{base}{i:08d}.jpg", f"{base}{i:08d}.jpg") for i in range(size)])
@@ -85,11 +85,12 @@ def _real_shard_cost(client, work: Path, small: int = 8, large: int = 32, repeat
     """
     from engine.api import fit
     from engine.config import FitConfig
-    from engine.datasets import list_images
-    from engine.distributed import _absolute
-    from engine.distributed_worker import PackedShard, scan_piece
-    from engine.pipeline import ScanOptions, open_scan
-    from engine.sources import iter_shards
+    from engine.distributed.driver import _absolute
+    from engine.distributed.worker import PackedShard, scan_piece
+    from engine.inputs.datasets import list_images
+    from engine.inputs.sources import iter_shards
+    from engine.scan.job import open_scan
+    from engine.scan.options import ScanOptions
 
     bottle = REPO / ".." / "shared" / "data" / "mvtec_bottle" / "bottle"
     images = list_images(bottle / "test" / "good")[:16]
@@ -112,7 +113,7 @@ def _real_shard_cost(client, work: Path, small: int = 8, large: int = 32, repeat
             times.append(time.perf_counter() - t0)
         seconds[size] = sorted(times)[len(times) // 2]
         decoder = client.submit(
-            lambda: __import__("engine.decoders").decoders.make_decoder("auto", __import__("torch").device("cpu")).name
+            lambda: __import__("engine.inputs.decoders").decoders.make_decoder("auto", __import__("torch").device("cpu")).name
         ).result()
     per_image = (seconds[large] - seconds[small]) / (large - small)
     return {
@@ -135,9 +136,9 @@ def _driver_plan_cost(work: Path, rows: int, shard_size: int = 1024) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.distributed import _absolute
-    from engine.distributed_worker import PackedShard
-    from engine.sources import iter_shards, open_source, plan
+    from engine.distributed.driver import _absolute
+    from engine.distributed.worker import PackedShard
+    from engine.inputs.sources import iter_shards, open_source, plan
 
     def manifest(n: int) -> Path:
         path = work / f"manifest_{n}.parquet"
@@ -184,7 +185,7 @@ def main() -> int:
         "--manifest-rows", type=int, default=1_000_000, help="part 5: driver plan of a manifest this long"
     )
     args = parser.parse_args()
-    from engine.distributed_cluster import ClusterRequest, connect
+    from engine.distributed.cluster import ClusterRequest, connect
 
     counts = [int(n) for n in args.tasks.split(",")]
     load_before = list(os.getloadavg())

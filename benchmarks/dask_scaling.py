@@ -4,7 +4,7 @@
 
 Fits the default model (PatchCore, efficientnet_lite0, 256 px) on bottle train/good unless --model is
 given, lists the first --images bottle images (train then test), and scans them:
-  - in one process (engine.pipeline.scan, torch on all cores) for reference;
+  - in one process (engine.scan.job.scan, torch on all cores) for reference;
   - on local clusters of (workers x torch threads per worker): 1x1 (= `--workers 1`), 2x1
     (= `--workers 2`) and 1x2 (API torch_threads=2). Cluster start-up is timed apart; images/s is the scan itself.
 Every configuration runs --rounds times, interleaved, since other work on the machine moves the
@@ -73,10 +73,10 @@ def main() -> int:
     import torch
 
     from benchmarks._env import write_result
-    from engine.datasets import list_images
-    from engine.distributed import scan_on_cluster
-    from engine.distributed_cluster import ClusterRequest, connect
-    from engine.pipeline import scan
+    from engine.distributed.cluster import ClusterRequest, connect
+    from engine.distributed.driver import scan_on_cluster
+    from engine.inputs.datasets import list_images
+    from engine.scan.job import scan
 
     work = Path(tempfile.mkdtemp(prefix="vade_dask_scaling_"))
     data = Path(args.data)

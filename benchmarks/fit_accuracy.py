@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._env import write_result  # noqa: E402
 from engine.api import fit, iter_image_batches, split_holdout  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.datasets import train_images  # noqa: E402
-from engine.evaluate import evaluate  # noqa: E402
-from engine.features import to_rows  # noqa: E402
+from engine.evaluation.evaluate import evaluate  # noqa: E402
+from engine.features.embeddings import to_rows  # noqa: E402
+from engine.inputs.datasets import train_images  # noqa: E402
 from engine.models.patchcore import project_for_coreset  # noqa: E402
 from kernels import knn  # noqa: E402
 

@@ -4,7 +4,7 @@ The folder is synthesised to look like a real scan of 256 px images: paths of re
 ../shared/data (MVTec layout, so labels are known), 1% error rows with a few kinds of message, scores
 from a normal-plus-anomalies mixture with two drifted shards, and maps.zarr with one zstd float16
 chunk per image holding smooth blob-shaped anomaly maps. Then `vade report` runs as a subprocess
-(`python -m engine.cli report OUT_DIR`) several times, and engine.report alone in a fresh interpreter
+(`python -m engine.cli report OUT_DIR`) several times, and engine.report.page alone in a fresh interpreter
 (import and build timed apart); wall times and peak memory are kept.
 
     PYTHONPATH=. python benchmarks/report_10k.py [--rows 10000] [--repeats 3] [--work DIR]
@@ -40,7 +40,7 @@ SHARD_SIZE = 256
 
 def real_images() -> list[tuple[str, str | None]]:
     """(path, defect or None) for every real image of ../shared/data."""
-    from engine.datasets import list_images
+    from engine.inputs.datasets import list_images
 
     out = []
     for category in (SHARED / "mvtec_bottle" / "bottle", SHARED / "deeppcb" / "pcb"):
@@ -117,7 +117,7 @@ def synthesise(out_dir: Path, rows: int, seed: int = 0) -> None:
 _IN_PROCESS = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from engine.report import build_report
+from engine.report.page import build_report
 t1 = time.perf_counter()
 build_report(sys.argv[1])
 t2 = time.perf_counter()
@@ -135,7 +135,7 @@ def run_cli(out_dir: Path) -> float:
 
 
 def run_in_process(out_dir: Path) -> dict:
-    """engine.report alone in a fresh interpreter: import seconds, build seconds, peak RSS."""
+    """engine.report.page alone in a fresh interpreter: import seconds, build seconds, peak RSS."""
     command = [sys.executable, "-c", _IN_PROCESS, str(out_dir)]
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                           text=True, check=True)
@@ -163,8 +163,8 @@ def main() -> None:
         "command": f"PYTHONPATH=. python benchmarks/report_10k.py --rows {args.rows} --repeats {args.repeats}",
         "timed": {
             "cli_seconds": "python -m engine.cli report OUT_DIR as a subprocess: interpreter start, the CLI's "
-            "imports (engine.cli imports the scan command too, so torch) and the report",
-            "build_seconds": "engine.report.build_report(OUT_DIR) alone, after its imports, in a fresh interpreter",
+            "imports and the report",
+            "build_seconds": "engine.report.page.build_report(OUT_DIR) alone, after its imports, in a fresh interpreter",
         },
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),

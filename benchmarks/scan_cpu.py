@@ -33,10 +33,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from engine.datasets import list_images  # noqa: E402
-from engine.decode import inspect_bytes, read_bytes, resize_batch  # noqa: E402
-from engine.decoders import make_decoder  # noqa: E402
-from engine.pipeline import ScanOptions, scan  # noqa: E402
+from engine.inputs.datasets import list_images  # noqa: E402
+from engine.inputs.decode import resize_batch  # noqa: E402
+from engine.inputs.decoders import make_decoder  # noqa: E402
+from engine.inputs.inspection import inspect_bytes, read_bytes  # noqa: E402
+from engine.scan.job import scan  # noqa: E402
+from engine.scan.options import ScanOptions  # noqa: E402
 
 
 def _versions() -> dict[str, str]:
@@ -107,10 +109,11 @@ def decode_only(files: list[Path], size: int, decoder_name: str, batch: int) -> 
 
 def model_only(model_dir: Path, files: list[Path], batch: int) -> float:
     """Images/s of the model alone (features + scoring, as the scan calls it) on pre-decoded images."""
-    from engine.artifact import load_model
-    from engine.decode import read_rgb, to_tensor
-    from engine.model_stage import score_images
-    from engine.scan_loop import MODEL_BATCH, StageTimes
+    from engine.inputs.decode import read_rgb, to_tensor
+    from engine.models.registry import load_model
+    from engine.scan.batches import StageTimes
+    from engine.scan.model_stage import score_images
+    from engine.scan.options import MODEL_BATCH
 
     model = load_model(model_dir, device="cpu")
     images = to_tensor([read_rgb(p) for p in files], model.input_size)
@@ -165,7 +168,7 @@ def main() -> int:
     times = result.times
     stage = times.as_dict()
     n = result.total
-    from engine.artifact import load_model
+    from engine.models.registry import load_model
 
     size = load_model(model_dir).input_size
     decode_rates = {name: round(decode_only(files[:120], size, name, args.batch_size), 1) for name in ("pillow", "dali")}

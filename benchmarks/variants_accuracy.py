@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._env import write_result  # noqa: E402
 from benchmarks.fit_accuracy import ROOTS, run_one  # noqa: E402
-from engine.datasets import list_images  # noqa: E402
+from engine.inputs.datasets import list_images  # noqa: E402
 
 CATEGORY = "bottle"
 METHODS = ("patchcore", "padim")

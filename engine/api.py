@@ -1,6 +1,7 @@
-"""The small public surface: fit a model on normal images, load one, score batches.
+"""The small public surface: fit a model on normal images, load one, score batches, scan collections.
 
     model = fit(paths, cfg); model.save(dir); model = load(dir); model.score(batch)
+    result = scan(model_dir, source, out_dir)      # maps.zarr + scores.parquet
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.artifact import load_model as load
 from engine.calibration import calibrate
 from engine.config import FitConfig
-from engine.decode import read_rgb, to_tensor
 from engine.errors import DataError, DecodeError, WeightsError
-from engine.models import MODELS, AnomalyModel
-from engine.models.base import resolve_device
+from engine.inputs.decode import read_rgb, to_tensor
+from engine.models.base import AnomalyModel, resolve_device
+from engine.models.registry import MODELS
+from engine.models.registry import load_model as load
+from engine.scan.job import scan
 
-__all__ = ["fit", "load", "split_holdout", "iter_image_batches"]
+__all__ = ["fit", "load", "scan", "split_holdout", "iter_image_batches"]
 
 Progress = Callable[[str], None]
 

@@ -4,6 +4,9 @@ Never pickle. model.json records the SHA-256 of model.safetensors and every tens
 so a truncated, tampered or mismatched file is refused with a message that names the problem.
 Backbone weights are not copied into the model (no 100 MB folder per fit): they come from the installed
 package, or from the weights file recorded at fit time (override with `weights=`).
+
+This module is the file format only: it writes what a model hands it and reads back checked tensors
+and metadata. Turning those into a model object is engine.models.registry.load_model.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine import __version__
-from engine.calibration import Calibration
-from engine.config import config_from_dict
-from engine.errors import ConfigError, ModelFileError, VadeError
-from engine.models import MODELS, AnomalyModel
+from engine.errors import ModelFileError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "vade-model"
 FORMAT_VERSION = 1
@@ -48,7 +50,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model: AnomalyModel, model_dir: str | Path) -> Path:
+class SavableModel(Protocol):
+    """What save_model needs of a model: its tensors and its JSON description."""
+
+    meta: dict[str, Any]
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """SHA-256 of model.json: what a scan means by "the same model" (model.json holds the tensors' hash)."""
+    return file_sha256(Path(model_dir) / META_FILE)
+
+
+def save_model(model: SavableModel, model_dir: str | Path) -> Path:
     """Write model.safetensors then model.json (json last: a model without it is incomplete)."""
     from safetensors.torch import save
 
@@ -70,8 +85,8 @@ def save_model(model: AnomalyModel, model_dir: str | Path) -> Path:
     return model_dir
 
 
-def read_meta(model_dir: str | Path) -> dict:
-    """model.json, checked for format and required keys."""
+def read_meta(model_dir: str | Path, methods: tuple[str, ...] | None = None) -> dict:
+    """model.json, checked for format, required keys and (given `methods`) a known method."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelFileError(f"model directory not found: {model_dir} (create one with `vade fit`)")
@@ -92,12 +107,12 @@ def read_meta(model_dir: str | Path) -> dict:
     for key in ("method", "config", "tensors", "weights_sha256", "calibration"):
         if key not in meta:
             raise ModelFileError(f"{meta_path} lacks the key {key!r}: the file is incomplete")
-    if meta["method"] not in MODELS:
-        raise ModelFileError(f"{meta_path} names an unknown method {meta['method']!r}; known: {sorted(MODELS)}")
+    if methods is not None and meta["method"] not in methods:
+        raise ModelFileError(f"{meta_path} names an unknown method {meta['method']!r}; known: {sorted(methods)}")
     return meta
 
 
-def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     if not path.is_file():
@@ -125,29 +140,3 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
         if shape != spec["shape"] or dtype != spec["dtype"]:
             raise ModelFileError(f"tensor {name!r} is {dtype}{shape}, model.json expects {spec['dtype']}{spec['shape']}")
     return tensors
-
-
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu", weights: str | Path | None = None) -> AnomalyModel:
-    """Load a model directory written by `save_model`, refusing anything inconsistent."""
-    from engine.models.base import resolve_device
-
-    model_dir = Path(model_dir)
-    meta = read_meta(model_dir)
-    tensors = _read_tensors(model_dir / TENSORS_FILE, meta)
-    try:
-        overrides = {"weights": str(weights)} if weights else {}
-        # Files written before `precision` / layer balancing existed: fp32 CPU features, raw layers.
-        old = {"precision": "fp32", "layer_balance": "none"}
-        cfg = config_from_dict({**old, **meta["config"], **overrides}).resolved()
-    except ConfigError as exc:
-        raise ModelFileError(f"{model_dir / META_FILE} has an invalid config: {exc}") from exc
-    model_cls = MODELS[meta["method"]]
-    dev = resolve_device(str(device)) if isinstance(device, str) else device
-    try:
-        model = model_cls(cfg, dev)
-    except VadeError as exc:
-        raise type(exc)(f"cannot rebuild the backbone of {model_dir}: {exc}") from exc
-    model.load_tensors(tensors)
-    model.calibration = Calibration.from_dict(meta["calibration"])
-    model.fit_stats = dict(meta.get("fit", {}))
-    return model

@@ -85,7 +85,7 @@ class FitConfig:
         return cfg
 
     def validate(self) -> None:
-        from engine.backbones import check_layers, get_spec
+        from engine.features.backbones import check_layers, get_spec
 
         _choice("method", self.method, METHODS)
         _choice("device", self.device, DEVICES)

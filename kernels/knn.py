@@ -36,6 +36,7 @@ import torch
 
 from kernels._checks import check_2d, use_triton
 from kernels._triton import jit_kernel, tl
+from kernels.knn_stream import topk_streamed
 
 # Bank rows per chunk in the torch path: bounds the Q x chunk block held at once.
 TORCH_BANK_CHUNK = 16384
@@ -268,8 +269,7 @@ def topk(
     """
     if use_triton(backend, queries):
         if queries.is_cuda and not bank.is_cuda:
-            from kernels.knn_stream import topk_streamed
-
-            return topk_streamed(queries, bank, k, bank_sq_norms, precision=precision)
+            _check(queries, bank, k)
+            return topk_streamed(queries, bank, k, topk_triton, bank_sq_norms, precision=precision)
         return topk_triton(queries, bank, k, bank_sq_norms, precision=precision, bank_lowp=bank_lowp)
     return topk_torch(queries, bank, k, bank_sq_norms)

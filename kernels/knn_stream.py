@@ -1,6 +1,9 @@
 """kNN against a bank that stays in host memory: stream it to the GPU in chunks.
 
-    topk_streamed(queries[Q, D] on CUDA, bank[M, D] on the CPU, k) -> (dist[Q, k], idx[Q, k]) on CUDA
+    topk_streamed(queries[Q, D] on CUDA, bank[M, D] on the CPU, k, search) -> (dist[Q, k], idx[Q, k]) on CUDA
+
+`search(queries, chunk, k, chunk_sq_norms, precision=...)` is the on-device top-k (kernels.knn passes its
+fused kernel), so this module knows nothing of kernels and kernels.knn imports it, not the reverse.
 
 The bank is cut into chunks of `chunk_rows`; each chunk is copied into one of two pinned host
 buffers, sent to the GPU on a copy stream, and searched by the fused kernel on the compute stream
@@ -10,7 +13,11 @@ GPU memory held: two chunks plus Q x k per chunk. Bank norms, when given, are sl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+Search = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 # Rows per streamed chunk: 256k rows x 1,536 dims x 4 bytes = 1.5 GiB per buffer.
 DEFAULT_CHUNK_ROWS = 262_144
@@ -20,14 +27,13 @@ def topk_streamed(
     queries: torch.Tensor,
     bank: torch.Tensor,
     k: int,
+    search: Search,
     bank_sq_norms: torch.Tensor | None = None,
     *,
     precision: str = "exact",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from kernels.knn import _check, topk_triton
-
-    _check(queries, bank, k)
+    """Top-k of CUDA `queries` against a host `bank` (arguments already checked by the caller)."""
     device = queries.device
     n_bank, dim = bank.shape
     chunk_rows = max(chunk_rows, k)
@@ -66,7 +72,7 @@ def topk_streamed(
         compute.wait_event(copied[slot])
         chunk = dev[slot][: hi - lo]
         norms = None if bank_sq_norms is None else bank_sq_norms[lo:hi].to(device, non_blocking=True)
-        d, i = topk_triton(queries, chunk, min(k, hi - lo), norms, precision=precision)
+        d, i = search(queries, chunk, min(k, hi - lo), norms, precision=precision)
         used[slot].record(compute)
         results_d.append(d)
         results_i.append(i + lo)

@@ -25,7 +25,7 @@ def bottle_root(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in synthetic MVTec-layout dataset (category 'weave'), generated once per session."""
-    from engine.demo_data import make_demo_dataset
+    from engine.demo.dataset import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=16, n_test_good=4, n_per_defect=2)
 
@@ -35,7 +35,7 @@ def tiny_patchcore(demo_root: Path):
     """A real PatchCore fit at 64 px on the synthetic data: seconds, for API and file-format tests."""
     from engine.api import fit
     from engine.config import FitConfig
-    from engine.datasets import train_images
+    from engine.inputs.datasets import train_images
 
     return fit(train_images(demo_root, "weave"), FitConfig(input_size=64, coreset_ratio=0.25, device="cpu"))
 

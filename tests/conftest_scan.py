@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.datasets import list_images
+from engine.inputs.datasets import list_images
 
 SHARED_BOTTLE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mvtec_bottle" / "bottle").resolve()
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.artifact import load_model, save_model
+from engine.artifact import save_model
 from engine.errors import ModelFileError
+from engine.models.registry import load_model
 
 
 @pytest.fixture()

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.backbones import WideResNet50Trunk, build_extractor
 from engine.errors import ConfigError, WeightsError
+from engine.features.backbones import WideResNet50Trunk, build_extractor
 
 
 def test_lite0_shapes_and_strides_match_the_registry() -> None:

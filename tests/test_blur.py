@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.blur import grid_to_map, grid_to_map_direct
+from engine.features.maps import grid_to_map, grid_to_map_direct
 
 
 @pytest.mark.parametrize(("h", "w", "size", "sigma"), [(32, 32, 256, 4.0), (64, 64, 256, 4.0), (7, 5, 64, 4.0),

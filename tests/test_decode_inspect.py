@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from imagegen import broken_files, encode, exif_rotated_jpeg, pattern, valid_files, write_files
 from PIL import Image
 
-from engine.decode import _box_reduce, decode_pillow, inspect_bytes, read_rgb, resize_batch, to_tensor
 from engine.errors import DecodeError
+from engine.inputs.decode import _box_reduce, decode_pillow, read_rgb, resize_batch, to_tensor
+from engine.inputs.inspection import inspect_bytes
 
 
 @pytest.mark.parametrize("name", sorted(valid_files()))

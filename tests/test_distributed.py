@@ -22,9 +22,9 @@ import torch
 import zarr
 from distributed import WorkerPlugin
 
-from engine.distributed import SPLIT_WAYS, scan_on_cluster
-from engine.distributed_cluster import ClusterRequest, connect
-from engine.pipeline import scan
+from engine.distributed.cluster import ClusterRequest, connect
+from engine.distributed.driver import SPLIT_WAYS, scan_on_cluster
+from engine.scan.job import scan
 
 SETTINGS = {"device": "cpu", "batch_size": 1, "decoder": "pillow"}
 POISON_MARK = "_poison"
@@ -79,7 +79,7 @@ def test_two_workers_equal_one_process_and_load_the_model_once(
     assert result.shards == 7 and result.total == 13 and (result.counts.ok, result.counts.error) == (12, 1)
     assert _rows(tmp_path / "out").equals(_rows(reference))  # rows, scores, order: bitwise
     assert np.array_equal(_maps(tmp_path / "out"), _maps(reference), equal_nan=True)
-    loads = client.run(lambda: __import__("engine.distributed_worker").distributed_worker.models_loaded)
+    loads = client.run(lambda: __import__("engine.distributed.worker").distributed.worker.models_loaded)
     assert max(loads.values()) == 1, loads  # once per worker for 7 shards, not once per task
 
 
@@ -130,21 +130,21 @@ class PoisonDecoder(WorkerPlugin):
     name = "test-poison-decoder"
 
     def setup(self, worker) -> None:
-        import engine.scan_loop as scan_loop
+        import engine.scan.loader as scan_loader
 
-        self.original = scan_loop.read_bytes
+        self.original = scan_loader.read_bytes
 
         def read_bytes(path, *args, **kwargs):
             if POISON_MARK in Path(path).name:
                 os._exit(70)
             return self.original(path, *args, **kwargs)
 
-        scan_loop.read_bytes = read_bytes
+        scan_loader.read_bytes = read_bytes
 
     def teardown(self, worker) -> None:
-        import engine.scan_loop as scan_loop
+        import engine.scan.loader as scan_loader
 
-        scan_loop.read_bytes = self.original
+        scan_loader.read_bytes = self.original
 
 
 def test_a_poison_input_becomes_one_error_row_and_the_scan_completes(
@@ -204,7 +204,7 @@ def test_manifest_columns_travel_to_the_workers(
 def test_one_progress_bar_counts_every_image_once(client, scan_model_dir: Path, inputs: Path, tmp_path: Path) -> None:
     import io
 
-    from engine.progress import Progress
+    from engine.scan.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(0, stream=stream, tty=False, line_every_s=0.0)

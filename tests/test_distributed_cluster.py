@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine import cli_scan
-from engine.distributed import _workers_device
-from engine.distributed_cluster import ClusterRequest, connect, default_torch_threads, visible_gpus
+from engine.cli.main import main as cli_main
+from engine.distributed.cluster import ClusterRequest, connect, default_torch_threads, visible_gpus
+from engine.distributed.driver import _workers_device
 from engine.errors import ConfigError
-from engine.pipeline import ScanOptions, open_scan, run_shard, scan
+from engine.scan.job import open_scan, run_shard, scan
+from engine.scan.options import ScanOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,12 +60,12 @@ def test_cluster_request_is_validated_and_threads_share_the_cores() -> None:
 
 def test_cli_options_are_exclusive_and_reach_the_request(scan_model_dir: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
-        cli_scan.main(["scan", "m", "s", "--out", "o", "--workers", "2", "--gpus", "all"])
+        cli_main(["scan", "m", "s", "--out", "o", "--workers", "2", "--gpus", "all"])
     assert "not allowed with argument" in capsys.readouterr().err
     args = [str(scan_model_dir), str(tmp_path), "--out", str(tmp_path / "o")]
-    assert cli_scan.main(["scan", *args, "--workers", "0"]) == 2
+    assert cli_main(["scan", *args, "--workers", "0"]) == 2
     assert "--workers must be an integer >= 1" in capsys.readouterr().err
-    assert cli_scan.main(["scan", *args, "--gpus", "all", "--device", "cpu"]) == 2  # refused before any cluster starts
+    assert cli_main(["scan", *args, "--gpus", "all", "--device", "cpu"]) == 2  # refused before any cluster starts
     assert "contradicts" in capsys.readouterr().err
 
 
@@ -123,8 +124,8 @@ def test_a_packed_shard_unpacks_to_the_same_records() -> None:
 
     import pyarrow as pa
 
-    from engine.distributed_worker import PackedShard
-    from engine.sources import Record, Shard
+    from engine.distributed.worker import PackedShard
+    from engine.inputs.sources import Record, Shard
 
     schema = pa.schema([("site", pa.string()), ("taken", pa.timestamp("us")), ("altitude", pa.float64())])
     when = datetime.datetime(2024, 5, 1, 12, 30)
@@ -141,8 +142,8 @@ def test_a_packed_shard_unpacks_to_the_same_records() -> None:
 def test_progress_tally_is_exact_when_tasks_end_whatever_the_events_said() -> None:
     import io
 
-    from engine.distributed import _Tally
-    from engine.progress import Progress
+    from engine.distributed.driver import _Tally
+    from engine.scan.progress import Progress
 
     progress = Progress(10, stream=io.StringIO(), quiet=True)
     tally = _Tally(progress)

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from engine import metrics
-from engine import datasets  # not `import test_items`: pytest would collect it as a test
-from engine.decode import read_rgb, to_tensor
 from engine.errors import DataError, DecodeError
-from engine.evaluate import evaluate, format_table
+from engine.evaluation import metrics
+from engine.evaluation.evaluate import evaluate, format_table
+from engine.inputs import datasets  # not `import test_items`: pytest would collect it as a test
+from engine.inputs.decode import read_rgb, to_tensor
 
 SIZE = 64
 
@@ -167,7 +167,7 @@ def test_wrong_map_shape_is_refused(mean_model: MeanImageModel, bottle_root: Pat
 @pytest.mark.slow
 def test_real_patchcore_on_bottle(scan_model_dir: Path, bottle_root: Path) -> None:
     """The real model API end to end: a small PatchCore (64 px, 14 training images) on the bottle test split."""
-    from engine.artifact import load_model
+    from engine.models.registry import load_model
 
     result = evaluate(load_model(scan_model_dir, device="cpu"), bottle_root, "bottle")
     assert result["n_images"] == 83 and set(result["per_defect"]) == {"broken_large", "broken_small", "contamination"}

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from engine.api import fit
-from engine.backbones import WideResNet50Trunk
 from engine.config import FitConfig
-from engine.datasets import train_images
 from engine.errors import WeightsError
+from engine.features.backbones import WideResNet50Trunk
+from engine.inputs.datasets import train_images
 
 
 def _weights_file(path: Path, broken: bool) -> Path:

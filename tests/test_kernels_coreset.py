@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.coreset import greedy_kcenter, greedy_kcenter_torch, greedy_kcenter_with_radius
 import kernels.coreset_cpu as coreset_cpu
+from kernels.coreset import greedy_kcenter, greedy_kcenter_torch, greedy_kcenter_with_radius
 from kernels.coreset_cpu import greedy_kcenter_lazy
 
 

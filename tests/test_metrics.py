@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from engine import metrics
-
+from engine.evaluation import metrics
 
 # ---------------------------------------------------------------- image level
 

@@ -7,8 +7,8 @@ import torch
 
 from engine.api import fit
 from engine.config import load_config
-from engine.datasets import train_images
-from engine.evaluate import evaluate
+from engine.evaluation.evaluate import evaluate
+from engine.inputs.datasets import train_images
 
 pytestmark = pytest.mark.slow
 

@@ -73,7 +73,7 @@ def test_config_key_and_its_old_spelling() -> None:
 
 
 def test_fitted_model_scores_with_its_weights(tiny_patchcore) -> None:
-    from engine.features import patchcore_embedding
+    from engine.features.embeddings import patchcore_embedding
 
     dim = sum(tiny_patchcore.extractor.channels)
     maps = tiny_patchcore.features(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)))

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.artifact import load_model, save_model
+from engine.artifact import save_model
 from engine.config import load_config
 from engine.errors import ConfigError
 from engine.models.base import native_bf16, resolve_precision
 from engine.models.patchcore import PatchCore
+from engine.models.registry import load_model
 
 
 def test_auto_resolves_by_hardware() -> None:

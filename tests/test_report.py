@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from engine import datasets, report_drift
-from engine.cli_report import register
-from engine.decode import read_rgb, to_tensor
+from engine.cli.report import register
 from engine.errors import DataError, DecodeError
-from engine.report import build_report
-from engine.report_data import HIST_BINS, load_scan
+from engine.inputs import datasets
+from engine.inputs.decode import read_rgb, to_tensor
+from engine.report import drift as report_drift
+from engine.report.data import HIST_BINS, load_scan
+from engine.report.page import build_report
 
 SIZE = 64
 SHARD = 16
@@ -129,7 +130,7 @@ def test_errors_are_grouped_by_message(scan_dir: Path) -> None:
 
 
 def test_error_messages_lose_paths_and_file_bytes() -> None:
-    from engine.report_data import _error_message
+    from engine.report.data import _error_message
 
     assert _error_message("cannot identify image file '/data/a b/x.png'\ntraceback") == "cannot identify image file <path>"
     assert _error_message("file not found /data/x.png") == _error_message("file not found /other/y.png")
@@ -262,7 +263,7 @@ def test_model_record_found_through_the_fingerprinted_model_dir(scan_dir: Path, 
     import hashlib
     import shutil
 
-    from engine.report_meta import find_model_meta
+    from engine.report.meta import find_model_meta
 
     out = tmp_path / "out"
     shutil.copytree(scan_dir, out)
@@ -282,7 +283,7 @@ def test_model_record_found_through_the_fingerprinted_model_dir(scan_dir: Path, 
 @pytest.mark.slow
 def test_report_of_a_real_scan(scan_model_dir: Path, bottle_root: Path, tmp_path: Path) -> None:
     """A real `scan` (PatchCore, 64 px) of bottle test images plus an unreadable file, then the report."""
-    pipeline = pytest.importorskip("engine.pipeline", reason="the scan engine (engine/pipeline.py) is not there yet")
+    pipeline = pytest.importorskip("engine.scan.job", reason="the scan engine (engine/scan/job.py) is not there yet")
     items = datasets.test_items(bottle_root, "bottle")
     picked = [i.path for i in items if i.defect == "good"][:8] + [i.path for i in items if i.defect != "good"][::4]
     broken = tmp_path / "broken.jpg"

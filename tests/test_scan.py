@@ -16,10 +16,10 @@ import pytest
 import zarr
 from imagegen import broken_files, huge_jpeg, valid_files, write_files
 
-from engine import cli_scan
+from engine.cli.main import main as cli_main
 from engine.errors import ConfigError
-from engine.pipeline import scan
-from engine.writers import utf8_path
+from engine.scan.job import scan
+from engine.scan.store import utf8_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def test_cli_refuses_existing_out_dir_with_exit_2(
 ) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    code = cli_scan.main(["scan", str(scan_model_dir), str(tmp_path), "--out", str(tmp_path / "out")])
+    code = cli_main(["scan", str(scan_model_dir), str(tmp_path), "--out", str(tmp_path / "out")])
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 

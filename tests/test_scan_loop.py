@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from imagegen import png_bytes, write_files
 
-from engine.decode import ImageInfo
-from engine.decoders import PillowDecoder
-from engine.scan_loop import DECODE_PIXEL_BUDGET, _pixel_groups, load_batch
-from engine.sources import Record, Shard
+from engine.inputs.decoders import PillowDecoder
+from engine.inputs.inspection import ImageInfo
+from engine.inputs.sources import Record, Shard
+from engine.scan.loader import DECODE_PIXEL_BUDGET, _pixel_groups, load_batch
 
 
 def test_pixel_groups_bound_the_pixels_decoded_at_once() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from engine.progress import Progress, format_duration
+from engine.scan.progress import Progress, format_duration
 
 
 def test_terminal_bar_redraws_in_place_with_rate_and_eta() -> None:

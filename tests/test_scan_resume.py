@@ -16,7 +16,7 @@ import pytest
 import torch
 import zarr
 
-from engine.pipeline import scan
+from engine.scan.job import scan
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.errors import DataError
-from engine.sources import (
+from engine.inputs.sources import (
     FolderSource,
     GlobSource,
     ListSource,

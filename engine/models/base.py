@@ -6,12 +6,14 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from engine.backbones import FeatureExtractor, build_extractor
+from engine.artifact import save_model
 from engine.calibration import Calibration
 from engine.config import FitConfig
+from engine.features.backbones import FeatureExtractor, build_extractor
 from kernels._checks import cpu_native_bf16
 
 
@@ -138,7 +140,6 @@ class AnomalyModel(ABC):
     def prepare_scoring(self) -> None:
         """Build any shared scoring state ahead of concurrent `score_features` calls (default: none)."""
 
-    def save(self, model_dir) -> None:
-        from engine.artifact import save_model
-
-        save_model(self, model_dir)
+    def save(self, model_dir: str | Path) -> Path:
+        """Write MODEL_DIR/model.safetensors + model.json (engine.artifact)."""
+        return save_model(self, model_dir)

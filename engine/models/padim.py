@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import torch
 
-from engine.blur import grid_to_map
-from engine.features import padim_embedding
+from engine.features.embeddings import padim_embedding
+from engine.features.maps import grid_to_map
 from engine.models.base import AnomalyModel, ScoreOutput
 from kernels import mahalanobis
 from kernels._threads import torch_threads

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 import torch
 
-from engine.blur import grid_to_map
-from engine.features import patchcore_embedding, to_rows
+from engine.features.embeddings import patchcore_embedding, to_rows
+from engine.features.maps import grid_to_map
 from engine.models.base import AnomalyModel, ScoreOutput
 from kernels import coreset, knn
 from kernels.knn_index import KnnIndex

@@ -1,6 +1,6 @@
 """`vade eval`: score an MVTec-layout test split with a model and compute the metrics.
 
-Images are decoded and resized exactly as a scan does (engine.decode); ground-truth masks are resized to
+Images are decoded and resized exactly as a scan does (engine.inputs.decode); ground-truth masks are resized to
 the model's input with nearest-neighbour sampling so they stay binary. Maps are kept at the input size
 as float32: 600 test images at 256 px hold 157 MB. The throughput counts decode + resize + scoring, not
 the mask reading.
@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine import metrics
-from engine.datasets import TestItem, test_items
-from engine.decode import read_rgb, to_tensor
 from engine.errors import DataError, DecodeError
+from engine.evaluation import metrics
+from engine.inputs.datasets import TestItem, test_items
+from engine.inputs.decode import read_rgb, to_tensor
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
 
 
 class ScoringModel(Protocol):
-    """The part of the model API evaluation needs (see engine.artifact)."""
+    """The part of the model API evaluation needs (see engine.models.base)."""
 
     input_size: int
 

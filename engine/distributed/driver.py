@@ -1,14 +1,14 @@
 """Distributed scans: the shards of a scan run as Dask tasks over processes, GPUs and machines.
 
     result = scan_on_cluster(model_dir, source, out_dir, cluster=ClusterRequest(workers=2))
-    (ClusterRequest and connect live in engine.distributed_cluster; the worker side in engine.distributed_worker)
+    (ClusterRequest and connect live in engine.distributed.cluster; the worker side in engine.distributed.worker)
     vade scan MODEL_DIR SOURCE --out OUT_DIR --workers 2 | --gpus all | --scheduler tcp://HOST:8786
 
-The driver (this process) opens the scan exactly as the single-process scan does (engine.pipeline:
+The driver (this process) opens the scan exactly as the single-process scan does (engine.scan.job:
 same plan, same scan.json, same shards), then streams the pending shards to the cluster, keeping one
 task in flight per worker thread: the shard plan is never held whole, and a worker that dies takes
 only the shard it was running with it. Each task scans one shard on a worker that loaded the model
-once (engine.distributed_worker); the driver consolidates scores.parquet at the end, and --resume skips
+once (engine.distributed.worker); the driver consolidates scores.parquet at the end, and --resume skips
 the shards that have a completion marker, whichever process wrote them.
 
 Faults. A worker killed mid-shard: Dask reruns the shard on another worker, which rewrites all of the
@@ -24,7 +24,6 @@ task) through a Dask event topic, and a finished task sets its count exactly.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import threading
@@ -37,53 +36,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.distributed_worker import PackedShard, scan_piece
+from engine.distributed.worker import PackedShard, scan_piece
 from engine.errors import ConfigError
-from engine.pipeline import ScanJob, ScanOptions, ScanResult, open_scan
-from engine.progress import Progress
-from engine.scan_loop import StageTimes
-from engine.sources import Record, Shard
-from engine.writers import ShardCounts, check_new_out_dir
+from engine.inputs.sources import Record, Shard
+from engine.scan.batches import StageTimes
+from engine.scan.job import ScanJob, ScanResult, open_scan
+from engine.scan.options import ScanOptions
+from engine.scan.progress import Progress
+from engine.scan.store import ShardCounts, check_new_out_dir
 
 SPLIT_WAYS = 4  # a shard that keeps killing workers is cut into this many pieces, recursively
 THREAD_REFRESH_S = 5.0  # how often the driver re-reads the cluster's size (workers may join or leave)
 
-__all__ = ["SPLIT_WAYS", "add_cluster_arguments", "cluster_scan_for", "scan_on_cluster"]
-
-
-# -- command line ------------------------------------------------------------------------------------
-def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    """--workers / --gpus / --scheduler on `vade scan` (at most one; none = one process, as before)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--workers", type=int, metavar="N", help="run shards on a local Dask cluster of N worker processes"
-    )
-    group.add_argument(
-        "--gpus",
-        metavar="all|N",
-        help="one local Dask worker per GPU (all visible, or the first N), each pinned to its GPU",
-    )
-    group.add_argument(
-        "--scheduler",
-        metavar="ADDRESS",
-        help="run on an existing Dask cluster: tcp://HOST:PORT of its scheduler, or its --scheduler-file JSON",
-    )
-
-
-def cluster_scan_for(args: argparse.Namespace) -> Callable[..., ScanResult] | None:
-    """scan_on_cluster bound to the cluster the arguments ask for, or None for a one-process scan."""
-    workers, gpus, scheduler = (getattr(args, name, None) for name in ("workers", "gpus", "scheduler"))
-    if workers is None and gpus is None and scheduler is None:
-        return None
-    from engine.distributed_cluster import ClusterRequest
-
-    request = ClusterRequest(workers=workers, gpus=gpus, scheduler=scheduler)
-    request.validate()
-
-    def run(*a: Any, **kw: Any) -> ScanResult:
-        return scan_on_cluster(*a, cluster=request, **kw)
-
-    return run
+__all__ = ["SPLIT_WAYS", "scan_on_cluster"]
 
 
 # -- the driver --------------------------------------------------------------------------------------
@@ -281,8 +246,9 @@ def _crash_row(job: ScanJob, piece: Shard, error: Any) -> tuple[Any, ShardCounts
     import numpy as np
     import torch
 
-    from engine.distributed_worker import RowsCollector
-    from engine.scan_loop import LoadedBatch, ScoredBatch, ShardWriter
+    from engine.distributed.worker import RowsCollector
+    from engine.scan.batches import LoadedBatch, ScoredBatch
+    from engine.scan.writer import ShardWriter
 
     size = int(job.store.manifest["map_size"])
     message = (
@@ -308,7 +274,7 @@ def _check_forced_device(options: ScanOptions, forced: str | None) -> None:
 
 def _workers_device(client: Any, options: ScanOptions, forced: str | None) -> str:
     """The device type the workers will use (asked of a worker: the driver may have no GPU)."""
-    from engine.distributed_worker import worker_device_type
+    from engine.distributed.worker import worker_device_type
 
     try:
         return client.submit(worker_device_type, forced or options.device, pure=False).result()
@@ -330,15 +296,15 @@ def scan_on_cluster(
     say: Callable[[str], None] | None = None,
     **option_overrides: Any,
 ) -> ScanResult:
-    """engine.pipeline.scan with the shards run as Dask tasks: on `client`, or on a cluster made from `cluster`.
+    """engine.scan.job.scan with the shards run as Dask tasks: on `client`, or on a cluster made from `cluster`.
 
     Same outputs as the one-process scan; a scan started either way can be resumed either way (with
     the same device type). `cluster` is a ClusterRequest (workers / gpus / scheduler).
     """
     import torch
 
-    from engine.artifact import load_model
-    from engine.distributed_cluster import connect
+    from engine.distributed.cluster import connect
+    from engine.models.registry import load_model
 
     try:
         options = dataclasses.replace(options or ScanOptions(), **option_overrides)

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.errors import DataError
-from engine.report_meta import find_model_meta, normal_reference, read_json
+from engine.report.meta import find_model_meta, normal_reference, read_json
 
 REQUIRED_COLUMNS = ("path", "index", "score", "status")
 TIME_COLUMNS = ("timestamp", "time", "datetime", "date", "captured_at", "acquired_at")

@@ -1,5 +1,5 @@
-"""Scan outputs: OUT_DIR/maps.zarr, OUT_DIR/scores.parquet, the bookkeeping that makes them resumable,
-and ShardWriter, which turns scored batches into both.
+"""Scan outputs: OUT_DIR/maps.zarr, OUT_DIR/scores.parquet and the bookkeeping that makes them resumable
+(engine.scan.writer turns scored batches into both).
 
     OUT_DIR/scan.json             what this scan is (model, source, counts, settings) and its state
     OUT_DIR/maps.zarr             group; array `maps` (N, H, W) float16, one chunk per image, Blosc (byte shuffle + zstd level 1)
@@ -17,12 +17,10 @@ import base64
 import json
 import os
 import shutil
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,10 +29,6 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from engine.errors import ConfigError
-
-if TYPE_CHECKING:
-    from engine.scan_loop import ScoredBatch
-    from engine.sources import Shard
 
 SCAN_FORMAT = "vade-scan/1"
 CONTRACT_SCHEMA = pa.schema(
@@ -251,53 +245,3 @@ def rows_schema(extra: pa.Schema) -> pa.Schema:
 def shard_rows(schema: pa.Schema, columns: dict[str, list[Any]]) -> pa.Table:
     """A shard's rows, `columns` keyed by output column name, as a table in `schema`."""
     return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
-
-
-class ShardWriter:
-    """Writes scored batches: maps into Zarr at once, rows collected and written when a shard ends."""
-
-    def __init__(self, store: ScanStore, on_shard_done: Callable[[Shard, ShardCounts], None] | None = None):
-        self.store = store
-        self.maps = store.maps_array()
-        self.extra_names = {name: output_name(name) for name in store.manifest.get("source_columns", [])}
-        self.on_shard_done = on_shard_done
-        self.seconds = 0.0
-        self._columns: dict[str, list[Any]] = {}
-        self._counts = ShardCounts()
-
-    def write(self, scored: ScoredBatch) -> None:
-        """Store one scored batch (all from one shard); finish the shard after its last batch."""
-        t0 = time.perf_counter()
-        loaded = scored.loaded
-        first = loaded.records[0].position
-        block = np.full((len(loaded.records), *self.maps.shape[1:]), np.nan, dtype=np.float16)
-        if loaded.ok:
-            block[loaded.ok] = scored.maps
-        self.maps[first : first + len(loaded.records)] = block  # error slots stay empty (NaN fill)
-        result_of = {offset: i for i, offset in enumerate(loaded.ok)}
-        cols = self._columns or {name: [] for name in self.store.schema.names}
-        self._columns = cols
-        for offset, record in enumerate(loaded.records):
-            i = result_of.get(offset)
-            width, height = loaded.sizes.get(offset, (None, None))
-            cols["path"].append(utf8_path(record.path))
-            cols["index"].append(record.position if i is not None else -1)
-            cols["score"].append(float(scored.scores[i]) if i is not None else None)
-            cols["is_anomalous"].append(bool(scored.anomalous[i]) if i is not None else False)
-            cols["status"].append("ok" if i is not None else "error")
-            cols["error"].append(None if i is not None else loaded.errors[offset])
-            cols["raw_score"].append(float(scored.raw_scores[i]) if i is not None else None)
-            cols["width"].append(width)
-            cols["height"].append(height)
-            cols["position"].append(record.position)
-            cols["shard"].append(loaded.shard.id)
-            for name, out_name in self.extra_names.items():
-                cols[out_name].append(record.extra.get(name))
-        self._counts += ShardCounts(len(loaded.ok), len(loaded.errors), int(scored.anomalous.sum()))
-        if loaded.last_in_shard:
-            table = shard_rows(self.store.schema, cols)
-            self.store.finish_shard(loaded.shard.id, loaded.shard.start, table, self._counts)
-            if self.on_shard_done:
-                self.on_shard_done(loaded.shard, self._counts)
-            self._columns, self._counts = {}, ShardCounts()
-        self.seconds += time.perf_counter() - t0

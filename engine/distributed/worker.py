@@ -22,9 +22,11 @@ from typing import Any
 import pyarrow as pa
 
 from engine.errors import ConfigError, ModelFileError
-from engine.scan_loop import ScanOptions, StageTimes, run_shards
-from engine.sources import Record, Shard
-from engine.writers import ScanStore, ShardCounts
+from engine.inputs.sources import Record, Shard
+from engine.scan.batches import StageTimes
+from engine.scan.loop import run_shards
+from engine.scan.options import ScanOptions
+from engine.scan.store import ScanStore, ShardCounts
 
 PROGRESS_EVERY_S = 0.5  # a worker reports scanned images to the driver at most this often per task
 
@@ -40,15 +42,15 @@ def drop_models() -> None:
 
 def cached_model(model_dir: str, fingerprint: str, device: str) -> Any:
     """This process's copy of the model (bank on its device), loaded on first use and checked against the scan."""
-    from engine.artifact import load_model
-    from engine.pipeline import _model_fingerprint  # the scan's own definition of "the same model"
+    from engine.artifact import model_fingerprint
+    from engine.models.registry import load_model
 
     global models_loaded
     key = (model_dir, fingerprint, device)
     with _models_lock:
         model = _models.get(key)
         if model is None:
-            found = _model_fingerprint(Path(model_dir))
+            found = model_fingerprint(model_dir)
             if found != fingerprint:
                 raise ModelFileError(
                     f"the model at {model_dir} on this worker differs from the one the scan was started with "
@@ -158,7 +160,7 @@ def scan_piece(
     """The task: scan a shard (or, when `whole` is False, a piece of one) into OUT_DIR."""
     from distributed import get_worker
 
-    from engine.decoders import make_decoder
+    from engine.inputs.decoders import make_decoder
 
     shard = packed.unpack()
     store = ScanStore.open(Path(out_dir))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from engine.errors import ConfigError, WeightsError
-from engine.fused_lite0 import FusedMBConv, fuse_lite0_stem
+from engine.features.fused_lite0 import FusedMBConv, fuse_lite0_stem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,7 +76,7 @@ LITE0_LAYERS = {
 
 class Lite0Trunk(nn.Module):
     """Stem + MBConv stages of efficientnet_lite_pytorch's model, cut after the deepest asked stage,
-    with BatchNorm folded into the convolutions (inference only; see engine.fused_lite0)."""
+    with BatchNorm folded into the convolutions (inference only; see engine.features.fused_lite0)."""
 
     def __init__(self, model: nn.Module, layers: list[str]):
         super().__init__()

@@ -3,7 +3,7 @@
 `make_decoder("auto" | "dali" | "pillow" | "nvjpeg", device)`. auto = DALI where installed (CPU pipeline,
 or "mixed" on CUDA), else torchvision's nvjpeg on CUDA, else Pillow. Files a decoder cannot read (formats
 or modes outside its list, or a batch it fails on) are decoded by Pillow, which has the last word: its
-error becomes the row's message. Files were already checked by engine.decode.inspect_bytes, so the
+error becomes the row's message. Files were already checked by engine.inputs.inspection.inspect_bytes, so the
 verdict on a broken file does not depend on the decoder.
 """
 
@@ -15,10 +15,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from engine.decode import ImageInfo, decode_pillow
 from engine.errors import ConfigError, DecodeError
+from engine.inputs.decode import decode_pillow
+from engine.inputs.inspection import ImageInfo
+from engine.inputs.settings import DECODERS
 
-DECODERS = ("auto", "dali", "pillow", "nvjpeg")
 Item = tuple[bytes, ImageInfo]
 Result = torch.Tensor | DecodeError
 

@@ -1,6 +1,5 @@
-"""`vade scan MODEL_DIR SOURCE --out OUT_DIR`: the command-line face of engine.pipeline.scan.
+"""`vade scan MODEL_DIR SOURCE --out OUT_DIR`: the command-line face of engine.scan.job.scan.
 
-engine/cli.py calls `register(subparsers)`; the parsed arguments go to `run(args) -> exit code`.
 Exit codes: 0 the scan completed (error rows included), 1 with --strict when any row is an error,
 2 a usage or input problem (message on stderr).
 """
@@ -9,19 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from engine.decode import DEFAULT_MAX_PIXELS
-from engine.decoders import DECODERS
-from engine.distributed import add_cluster_arguments, cluster_scan_for
 from engine.errors import VadeError
-from engine.pipeline import ScanOptions, scan
-from engine.progress import Progress
+from engine.inputs.settings import DECODERS, DEFAULT_MAX_PIXELS
+from engine.scan.options import ScanOptions
 
 EXIT_OK, EXIT_STRICT, EXIT_USAGE = 0, 1, 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the `scan` subcommand (issue 5 adds --workers/--scheduler/--gpus to the returned parser)."""
+    """Add the `scan` subcommand."""
     p = subparsers.add_parser(
         "scan",
         help="score every image of a folder, glob, list or Parquet manifest",
@@ -46,9 +44,27 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when any input could not be scored")
     p.add_argument("--quiet", action="store_true", help="no progress output (the summary line still prints)")
-    add_cluster_arguments(p)  # --workers N | --gpus all|N | --scheduler ADDRESS (engine.distributed)
+    add_cluster_arguments(p)
     p.set_defaults(func=run)
     return p
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workers / --gpus / --scheduler (at most one; none = one process)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--workers", type=int, metavar="N", help="run shards on a local Dask cluster of N worker processes"
+    )
+    group.add_argument(
+        "--gpus",
+        metavar="all|N",
+        help="one local Dask worker per GPU (all visible, or the first N), each pinned to its GPU",
+    )
+    group.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on an existing Dask cluster: tcp://HOST:PORT of its scheduler, or its --scheduler-file JSON",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> ScanOptions:
@@ -61,11 +77,32 @@ def options_from_args(args: argparse.Namespace) -> ScanOptions:
     )
 
 
+def scan_function(args: argparse.Namespace) -> Callable[..., Any]:
+    """engine.scan.job.scan, or engine.distributed.driver.scan_on_cluster bound to the cluster asked for."""
+    workers, gpus, scheduler = (getattr(args, name, None) for name in ("workers", "gpus", "scheduler"))
+    if workers is None and gpus is None and scheduler is None:
+        from engine.scan.job import scan
+
+        return scan
+    from engine.distributed.cluster import ClusterRequest
+    from engine.distributed.driver import scan_on_cluster
+
+    request = ClusterRequest(workers=workers, gpus=gpus, scheduler=scheduler)
+    request.validate()
+
+    def run(*a: Any, **kw: Any) -> Any:
+        return scan_on_cluster(*a, cluster=request, **kw)
+
+    return run
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a scan from parsed arguments; print a summary line; return the exit code."""
+    from engine.scan.progress import Progress
+
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     try:
-        result = (cluster_scan_for(args) or scan)(
+        result = scan_function(args)(
             args.model_dir,
             args.source,
             args.out,
@@ -80,15 +117,3 @@ def run(args: argparse.Namespace) -> int:
     say(f"decoder {result.decoder} on {result.device}, {result.seconds:.1f} s")
     print(result.summary())
     return EXIT_STRICT if args.strict and result.counts.error else EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m engine.cli_scan ...`) until engine/cli.py wires `register`."""
-    parser = argparse.ArgumentParser(prog="vade")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@
     with connect(ClusterRequest(scheduler="tcp://host:8786")) as client: ...   # workers started elsewhere
 
 Local workers are Nanny-supervised processes (a worker that dies is restarted) with one task thread
-each, so when a worker dies only the shard it was running is suspect (see engine.distributed). CPU
+each, so when a worker dies only the shard it was running is suspect (see engine.distributed.driver). CPU
 workers run torch with one thread (start as many workers as cores); GPU workers share the cores.
 Without dask-cuda, each GPU worker is pinned by CUDA_VISIBLE_DEVICES=<its GPU> in its environment from
 the start, so it sees its GPU as cuda:0 and no other; dask-cuda's LocalCUDACluster pins the same way.
@@ -122,7 +122,7 @@ class WorkerSetup(WorkerPlugin):
         torch.set_num_threads(self.torch_threads)
 
     def teardown(self, worker: Any) -> None:
-        from engine.distributed_worker import drop_models
+        from engine.distributed.worker import drop_models
 
         drop_models()
 

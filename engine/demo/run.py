@@ -7,13 +7,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.api import fit
+from engine.api import fit, scan
 from engine.config import load_config
-from engine.datasets import train_images
-from engine.demo_data import make_demo_dataset
-from engine.evaluate import evaluate, format_table
-from engine.pipeline import scan
-from engine.report import build_report
+from engine.demo.dataset import make_demo_dataset
+from engine.evaluation.evaluate import evaluate, format_table
+from engine.inputs.datasets import train_images
+from engine.report.page import build_report
 
 
 def run_demo(out: Path, device: str = "auto", say: Callable[[str], None] = print) -> int:

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from engine.report import build_report
+    from engine.report.page import build_report
 
     started = time.perf_counter()
     path = build_report(

@@ -9,13 +9,12 @@ A shard is the unit of work and of retry: run_shard writes its Zarr chunks, then
 then its completion marker, and rerunning it rewrites the same values. open_scan creates OUT_DIR (or
 reopens it with --resume, refusing a different model, input or setting); finish() consolidates the
 parts into scores.parquet. The single-process scan streams all pending shards through one overlapped
-loop (engine.scan_loop) so decoding never stalls between shards.
+loop (engine.scan.loop) so decoding never stalls between shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
-from engine.decoders import make_decoder
+from engine.artifact import model_fingerprint
 from engine.errors import ConfigError
-from engine.progress import Progress
-from engine.scan_loop import MODEL_BATCH, ScanOptions, StageTimes, resolve_model_batch, run_shards
-from engine.sources import Shard, Source, iter_shards, open_source, plan, shard_count
-from engine.writers import ScanStore, ShardCounts, check_new_out_dir, encode_schema, rows_schema
+from engine.inputs.decoders import make_decoder
+from engine.inputs.sources import Shard, Source, iter_shards, open_source, plan, shard_count
+from engine.scan.batches import StageTimes
+from engine.scan.loop import run_shards
+from engine.scan.options import MODEL_BATCH, ScanOptions, resolve_model_batch
+from engine.scan.progress import Progress
+from engine.scan.store import ScanStore, ShardCounts, check_new_out_dir, encode_schema, rows_schema
 
 __all__ = ["MODEL_BATCH", "ScanJob", "ScanOptions", "ScanResult", "open_scan", "run_shard", "scan"]
 
@@ -105,10 +107,6 @@ class ScanJob:
         return self.done_counts()
 
 
-def _model_fingerprint(model_dir: Path) -> str:
-    return hashlib.sha256((Path(model_dir) / "model.json").read_bytes()).hexdigest()
-
-
 def _maps_attrs(model: Any, size: int) -> dict[str, Any]:
     meta = model.meta
     return {
@@ -143,7 +141,7 @@ def open_scan(
     model: Any = None,
 ) -> ScanJob:
     """Load the model, plan SOURCE (one streaming pass) and create OUT_DIR, or reopen it to resume."""
-    from engine.artifact import load_model
+    from engine.models.registry import load_model
 
     options.validate()
     out_dir = Path(out_dir)
@@ -156,7 +154,7 @@ def open_scan(
         "vade_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_dir": str(model_dir),
-        "model_fingerprint": _model_fingerprint(Path(model_dir)),
+        "model_fingerprint": model_fingerprint(model_dir),
         "source": str(source),
         "source_kind": src.kind,
         "source_columns": src.extra_schema.names,
@@ -166,7 +164,7 @@ def open_scan(
         "shards": shard_count(planned.count, options.shard_size),
         "map_size": model.input_size,
         "max_pixels": options.max_pixels,
-        "model_batch": resolve_model_batch(options, model.device),
+        "model_batch": resolve_model_batch(options, model.device.type),
         "device_type": model.device.type,
         "rows_schema": encode_schema(rows_schema(src.extra_schema)),
         "model_meta": model.meta,

@@ -3,8 +3,8 @@
 Sections: run summary; score histogram with the threshold; ROC / PR per defect type where labels are
 known (a `defect` or `label` column, or the MVTec layout .../test/<defect>/...); the most anomalous
 images with their map overlays, and a few typical ones for contrast; drift per shard / folder / time
-bin against the fit-time normal scores (engine.report_drift); errors grouped by message.
-Memory is bounded (engine.report_data): one streaming pass over scores.parquet, and only the maps
+bin against the fit-time normal scores (engine.report.drift); errors grouped by message.
+Memory is bounded (engine.report.data): one streaming pass over scores.parquet, and only the maps
 shown are read from maps.zarr, by index.
 """
 
@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from engine import __version__, report_plots
-from engine.report_data import Row, ScanData, load_scan
-from engine.report_meta import normal_reference
-from engine.report_drift import DriftResult, GroupDrift, drift
+from engine import __version__
+from engine.report import plots
+from engine.report.data import Row, ScanData, load_scan
+from engine.report.drift import DriftResult, GroupDrift, drift
+from engine.report.meta import normal_reference
 
 MAX_CURVES = 8  # defect types drawn (by count); the table lists all
 MAX_DRIFT_ROWS = 40
@@ -128,7 +129,7 @@ def _summary(data: ScanData) -> str:
 def _scores_section(data: ScanData, reference: np.ndarray | None, ref_quantiles: dict | None) -> str:
     if not data.n_ok:
         return '<h2 id="scores">Scores</h2><p>No image was scored.</p>'
-    uri = report_plots.histogram(data.hist_edges, data.score_hist, reference, ref_quantiles)
+    uri = plots.histogram(data.hist_edges, data.score_hist, reference, ref_quantiles)
     return (
         '<h2 id="scores">Score distribution</h2>'
         f'<img class="plot" alt="histogram of image scores with the threshold at 0.5" src="{uri}">'
@@ -140,7 +141,7 @@ def _scores_section(data: ScanData, reference: np.ndarray | None, ref_quantiles:
 def _label_section(data: ScanData) -> str:
     from sklearn.metrics import precision_recall_curve, roc_curve  # only where labels exist: a slow import
 
-    from engine import metrics
+    from engine.evaluation import metrics
 
     rows = data.labelled
     if not rows:
@@ -173,7 +174,7 @@ def _label_section(data: ScanData) -> str:
         f"<td class='num'>{_fmt(fa)}</td></tr>"
         for n, a, g, au, f1, t, r, fa in table
     )
-    plot = f'<img class="plot" alt="ROC and precision-recall curves" src="{report_plots.roc_pr(curves)}">' if curves else ""
+    plot = f'<img class="plot" alt="ROC and precision-recall curves" src="{plots.roc_pr(curves)}">' if curves else ""
     sampled = "" if data.sample_fraction >= 1 else f" Computed on a random sample of {len(rows):,} labelled rows."
     return (
         '<h2 id="labels">Labelled accuracy</h2>'
@@ -206,11 +207,11 @@ def _tiles(rows: list[Row], data: ScanData, maps: Any) -> str:
         if maps is not None and 0 <= row.index < maps.shape[0]:
             amap = np.asarray(maps[row.index], dtype=np.float32)  # one chunk: one image's map
         image_path = _resolve_image(row.path, data)
-        rgb = report_plots.load_thumbnail(image_path, TILE_BOX) if image_path is not None else None
+        rgb = plots.load_thumbnail(image_path, TILE_BOX) if image_path is not None else None
         label = f" &middot; {_e(row.label)}" if row.label else ""
         raw = f" (raw {row.raw_score:.4g})" if row.raw_score is not None else ""
         out.append(
-            f'<div class="tile"><img alt="image and anomaly map {rank}" src="{report_plots.tile(rgb, amap, TILE_BOX)}">'
+            f'<div class="tile"><img alt="image and anomaly map {rank}" src="{plots.tile(rgb, amap, TILE_BOX)}">'
             f"<b>#{rank} score {row.score:.3f}</b>{raw}{label}<div class='path' title='{_e(row.path)}'>{_e(row.path)}</div></div>"
         )
     return f'<div class="grid">{"".join(out)}</div>'
@@ -237,7 +238,7 @@ def _images_section(data: ScanData, contrast: int) -> str:
     typical = _typical(data, contrast, {r.index for r in data.top})
     scale = (
         f"<p class='note'>Left: the image; right: its anomaly map over it, on one scale for all images "
-        f"<span class='scale' style='background:{report_plots.colour_scale_css()}'></span>: dark = typical normal (0), "
+        f"<span class='scale' style='background:{plots.colour_scale_css()}'></span>: dark = typical normal (0), "
         "orange = the threshold (0.5), yellow = far above it; transparent below 0.25. The cyan line encloses "
         "the pixels at or above the threshold.</p>"
     )
@@ -264,7 +265,7 @@ def _drift_section(data: ScanData, result: DriftResult) -> str:
     if not result.groups or not data.n_ok:
         return '<h2 id="drift">Drift</h2><p>No scored images.</p>'
     label = f"drift group ({data.group_kind})"
-    plot = report_plots.drift_plot(result, label)
+    plot = plots.drift_plot(result, label)
     shown = result.flagged[:MAX_DRIFT_ROWS] + [g for g in result.groups if not g.flagged][: max(0, MAX_DRIFT_ROWS - len(result.flagged))]
     shown = sorted(shown, key=lambda g: result.groups.index(g))
     rows = "".join(

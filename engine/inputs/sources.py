@@ -25,8 +25,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.datasets import is_image_path
 from engine.errors import DataError
+from engine.inputs.datasets import is_image_path
 
 MANIFEST_BATCH_ROWS = 16_384  # rows decoded to Python at a time (a few MiB)
 _MAGIC = re.compile(r"[*?\[]")

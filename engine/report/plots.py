@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageOps  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from engine.report_drift import DriftResult  # noqa: E402
+from engine.report.drift import DriftResult  # noqa: E402
 
 COLORMAP = "inferno"
 THRESHOLD = 0.5

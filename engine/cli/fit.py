@@ -1,0 +1,57 @@
+"""`vade fit DATA --out MODEL_DIR`: fit a model on normal images (engine.api.fit)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.cli.common import say
+from engine.errors import VadeError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="fit a model on normal images", description="Fit PatchCore or PaDiM on normal images.")
+    p.add_argument("data", help="MVTec-layout root (uses CATEGORY/train/good) or a folder of normal images")
+    p.add_argument("--out", required=True, help="model directory to write (model.safetensors + model.json)")
+    p.add_argument("--category", help="MVTec category under DATA")
+    p.add_argument("--config", help="YAML preset, e.g. configs/patchcore_lite0.yaml")
+    p.add_argument("--method", choices=["patchcore", "padim"])
+    p.add_argument("--backbone", help="efficientnet_lite0 (default) or wide_resnet50_2")
+    p.add_argument("--weights", help="backbone weights file (.pth / .safetensors); required for wide_resnet50_2")
+    p.add_argument("--layers", help="comma-separated backbone layers, e.g. blocks.2,blocks.4")
+    p.add_argument("--input-size", type=int, dest="input_size")
+    p.add_argument("--coreset-ratio", type=float, dest="coreset_ratio")
+    p.add_argument("--holdout-fraction", type=float, dest="holdout_fraction")
+    p.add_argument("--target-far", type=float, dest="target_false_alarm_rate", help="target false-alarm rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="backbone arithmetic; auto = bf16 where the hardware has it natively (recorded in the model)")
+    p.add_argument("--layer-balance", choices=["nearest", "variance", "none"], dest="layer_balance",
+                   help="PatchCore per-layer weights (default nearest: equal shares of the nearest-entry residuals)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing model directory")
+    p.set_defaults(func=run_fit)
+
+
+FIT_KEYS = ("method", "backbone", "weights", "layers", "input_size", "coreset_ratio", "holdout_fraction",
+            "target_false_alarm_rate", "seed", "batch_size", "device", "precision", "layer_balance")
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from engine.api import fit
+    from engine.config import load_config
+    from engine.inputs.datasets import train_images
+
+    out = Path(args.out)
+    if (out / "model.json").exists() and not args.force:
+        raise VadeError(f"{out} already holds a model; pass --force to overwrite it or choose another --out")
+    cfg = load_config(args.config, {k: getattr(args, k) for k in FIT_KEYS})
+    images = train_images(Path(args.data), args.category)
+    model = fit(images, cfg, progress=say)
+    model.save(out)
+    stats = model.fit_stats
+    say(f"wrote {out}/model.safetensors and model.json ({model.method}, bank/positions "
+         f"{model.meta.get('bank_size') or model.meta.get('positions')}, threshold {model.threshold:.4g}; "
+         f"features {stats.get('seconds_features', 0):.1f} s, coreset {stats.get('seconds_coreset', 0):.1f} s)")
+    return 0

@@ -1,0 +1,1 @@
+"""Inputs: enumerate sources into records and shards, inspect files, decode and resize pixels."""

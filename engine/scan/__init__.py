@@ -1,0 +1,1 @@
+"""Scanning: options, the loader, model and writer stages, the overlapped loop, outputs and progress."""

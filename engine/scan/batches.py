@@ -1,0 +1,54 @@
+"""The records that flow between the scan's stages: loader -> model -> writer, and the time they took.
+
+Plain data (tensors and arrays), defined below every stage so that each stage imports them and none
+imports another stage for its types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from engine.inputs.sources import Record, Shard
+
+
+@dataclass
+class LoadedBatch:
+    """Decoded, resized images of consecutive records of one shard; failures as messages."""
+
+    shard: Shard
+    records: list[Record]
+    images: torch.Tensor  # (n_ok, 3, S, S) float32 in [0, 1]
+    ok: list[int]  # offsets into records of the decoded images, in order
+    sizes: dict[int, tuple[int, int]]  # offset -> (width, height) after EXIF orientation
+    errors: dict[int, str]  # offset -> what is wrong with the file
+    last_in_shard: bool
+    seconds: float
+
+
+@dataclass
+class ScoredBatch:
+    loaded: LoadedBatch
+    raw_scores: np.ndarray  # (n_ok,) float32
+    scores: np.ndarray  # (n_ok,) float32, normalised
+    maps: np.ndarray  # (n_ok, S, S) float16, normalised
+    anomalous: np.ndarray  # (n_ok,) bool
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage (loader and writer run in their own threads, overlapped)."""
+
+    decode: float = 0.0
+    features: float = 0.0
+    scoring: float = 0.0
+    write: float = 0.0
+    loop: float = 0.0  # wall time of the whole loop (stages overlap, so this is less than their sum)
+    images: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}

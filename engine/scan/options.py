@@ -1,0 +1,46 @@
+"""How to run a scan: the options a user sets (what a scan computes is fixed by the model and the source).
+
+Light on purpose (no torch, zarr or pyarrow): the command line builds its flags from these defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import ConfigError
+from engine.inputs.settings import DEFAULT_MAX_PIXELS
+
+MODEL_BATCH = {"cpu": 8, "cuda": 64}  # images per backbone call, fixed per device type (determinism)
+
+
+@dataclass
+class ScanOptions:
+    """How to run a scan (what it computes is fixed by the model and the source)."""
+
+    device: str = "auto"
+    decoder: str = "auto"
+    batch_size: int = 32  # images decoded and written together; best a multiple of the model batch
+    model_batch: int = 0  # images per backbone call; 0 = MODEL_BATCH for the device. Part of the result.
+    shard_size: int = 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    prefetch_batches: int = 2  # decoded batches waiting for the model
+    write_queue: int = 4  # scored batches waiting for the writer
+    decode_threads: int = 1  # DALI worker threads; keep light on small CPUs (torch uses the cores)
+
+    def validate(self) -> None:
+        checks = (("batch_size", 1), ("shard_size", 1), ("max_pixels", 1), ("decode_threads", 1), ("model_batch", 0))
+        for name, low in checks:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        from engine.inputs.decoders import check_decoder
+
+        check_decoder(self.decoder, self.device)  # before any output is written
+
+
+
+def resolve_model_batch(options: ScanOptions, device_type: str) -> int:
+    """Images per backbone call for a device type ("cpu", "cuda"): the option, or MODEL_BATCH's."""
+    return options.model_batch or MODEL_BATCH.get(device_type, 8)
