@@ -9,6 +9,7 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 PACKAGES = ("torch", "triton", "numpy", "zarr", "dask", "pyarrow", "nvidia-dali-cuda130", "pillow")
 
@@ -46,3 +47,13 @@ def write_result(name: str, payload: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**environment(), **payload}, indent=2) + "\n")
     return out
+
+
+def record(case, variant, wall, cpu, items, ceiling=None, check=None, **extra) -> dict[str, Any]:
+    """One row of a kernel benchmark: times, rate, the ceiling beside it, and a correctness check."""
+    rate = items / wall if wall > 0 else None
+    rec = {"case": case, "variant": variant, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
+           "rate": rate, "ceiling": ceiling, "of_ceiling": (rate / ceiling) if (ceiling and rate) else None,
+           "check": check}
+    rec.update(extra)
+    return rec

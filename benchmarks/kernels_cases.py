@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import kernels.coreset_cpu as coreset_cpu
+from benchmarks._env import record as _rec
 from kernels.coreset import greedy_kcenter_torch, greedy_kcenter_with_radius
 
 
@@ -115,15 +116,6 @@ def _coreset_device(xg, picks, case, ceiling, device, args) -> list[dict[str, An
     records.append(_rec(case, "triton fused step", wall, cpu, picks, ceiling=ceiling, radius=radius,
                         check=f"first {agree} of {probe} picks equal torch"))
     return records
-
-
-def _rec(case, variant, wall, cpu, items, ceiling=None, check=None, **extra) -> dict[str, Any]:
-    rate = items / wall if wall > 0 else None
-    rec = {"case": case, "variant": variant, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
-           "rate": rate, "ceiling": ceiling, "of_ceiling": (rate / ceiling) if (ceiling and rate) else None,
-           "check": check}
-    rec.update(extra)
-    return rec
 
 
 def knn_cases(args: argparse.Namespace) -> list[dict[str, Any]]:

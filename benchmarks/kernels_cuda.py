@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.kernels_cases import _rec
+from benchmarks._env import record as _rec
 from kernels import knn
 from kernels.mahalanobis import mahalanobis_torch, mahalanobis_triton, precision_factor
 
