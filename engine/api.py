@@ -17,11 +17,14 @@ import torch
 from engine.calibration import calibrate
 from engine.config import FitConfig
 from engine.errors import DataError, DecodeError, WeightsError
-from engine.inputs.decode import read_rgb, to_tensor
+from engine.inputs.decode import pixels_tensor, read_rgb, tile_chunks, to_tensor
+from engine.inputs.inspection import oriented_size
 from engine.models.base import AnomalyModel, resolve_device
 from engine.models.registry import MODELS
 from engine.models.registry import load_model as load
+from engine.models.tiled import score_images_tiled
 from engine.scan.job import scan
+from engine.tiling import TileSpec
 
 __all__ = ["fit", "load", "scan", "split_holdout", "iter_image_batches"]
 
@@ -58,9 +61,68 @@ def iter_image_batches(
         yield to_tensor(batch, size)
 
 
+def plan_training_tiles(paths: Sequence[Path], spec: TileSpec, max_patches: int, seed: int,
+                        skipped: list[tuple[str, str]]) -> tuple[dict[Path, list[int]], int]:
+    """Which tiles of which images the fit uses: all of them, or a seeded uniform sample of tiles when
+    they hold more than `max_patches` patches. Returns ({path: tile indices}, tiles in all)."""
+    counts: dict[Path, int] = {}
+    for path in paths:
+        try:
+            counts[path] = spec.layout(*oriented_size(path)).n_tiles
+        except DecodeError as exc:
+            skipped.append((str(path), str(exc)))
+    total = sum(counts.values())
+    per_tile = (spec.tile // spec.stride) ** 2
+    keep = max(1, max_patches // per_tile)
+    if total <= keep:
+        return {path: list(range(n)) for path, n in counts.items()}, total
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:keep].sort().values.tolist()
+    plan: dict[Path, list[int]] = {}
+    bounds = np.cumsum([0, *counts.values()])
+    for path, lo, hi in zip(counts, bounds[:-1], bounds[1:], strict=True):
+        mine = [int(t - lo) for t in chosen if lo <= t < hi]
+        if mine:
+            plan[path] = mine
+    return plan, total
+
+
+def iter_tile_batches(plan: dict[Path, list[int]], spec: TileSpec, batch_size: int,
+                      skipped: list[tuple[str, str]]) -> Iterator[torch.Tensor]:
+    """Batches of `batch_size` training tiles (the last may be short), in the plan's order."""
+    pending: list[torch.Tensor] = []
+    held = 0
+    for path, tiles in plan.items():
+        try:
+            pixels = pixels_tensor(read_rgb(path))
+        except DecodeError as exc:
+            skipped.append((str(path), str(exc)))
+            continue
+        layout = spec.layout(pixels.shape[0], pixels.shape[1])
+        for _, chunk in tile_chunks(pixels, layout, batch_size, [t for t in tiles if t < layout.n_tiles]):
+            pending.append(chunk)
+            held += chunk.shape[0]
+            while held >= batch_size:
+                batch = torch.cat(pending)
+                yield batch[:batch_size]
+                pending, held = ([batch[batch_size:]] if held > batch_size else []), held - batch_size
+    if held:
+        yield torch.cat(pending)
+
+
 def _raw_scores(model: AnomalyModel, paths: Sequence[Path], skipped: list[tuple[str, str]]) -> np.ndarray:
+    if model.tile_spec is not None:
+        decoded = _readable(paths, skipped)
+        return np.asarray([float(out.score) for _, out in score_images_tiled(model, decoded)], dtype=np.float64)
     scores = [model.score(b).scores.cpu() for b in iter_image_batches(paths, model.input_size, model.cfg.batch_size, skipped)]
     return torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)
+
+
+def _readable(paths: Sequence[Path], skipped: list[tuple[str, str]]) -> Iterator[tuple[Path, np.ndarray]]:
+    for path in paths:
+        try:
+            yield path, read_rgb(path)
+        except DecodeError as exc:
+            skipped.append((str(path), str(exc)))
 
 
 def _finite(feature_maps: list[torch.Tensor], cfg: FitConfig) -> list[torch.Tensor]:
@@ -88,9 +150,18 @@ def fit(images: Sequence[str | Path], cfg: FitConfig | None = None, progress: Pr
         f"{len(holdout)} held out for the threshold")
     skipped: list[tuple[str, str]] = []
     t0 = time.perf_counter()
-    images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped)
+    spec = model.tile_spec
+    if spec is None:
+        images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped)
+        units = len(train)
+    else:
+        plan, tiles_total = plan_training_tiles(train, spec, cfg.max_train_patches, cfg.seed, skipped)
+        units = sum(len(t) for t in plan.values())
+        say(f"training on {units} tiles of {len(plan)} images" + (f" (a seeded sample of {tiles_total})" if units < tiles_total else ""))
+        model.fit_stats.update(training_tiles=units, tiles_total=tiles_total)
+        images_in = iter_tile_batches(plan, spec, cfg.batch_size, skipped)
     batches = (_finite(model.features(b), cfg) for b in images_in)
-    model.fit_features(batches, len(train))
+    model.fit_features(batches, units)
     t1 = time.perf_counter()
     source = "holdout" if holdout else "train"
     normal = _raw_scores(model, holdout or train, skipped)

@@ -36,6 +36,15 @@ DEFAULT_PADIM_FEATURES = {"efficientnet_lite0": 176, "wide_resnet50_2": 550}
 # bf16, all 176 channels): pcb image AUROC 0.620 -> 0.673, bottle 0.999 -> 1.000, pixel AUROC and AUPRO
 # up on both; flat for eps 1-3 (pcb 0.673-0.676). Backbones not listed keep the paper's 0.01.
 DEFAULT_COVARIANCE_EPS = {"efficientnet_lite0": 1.0, "wide_resnet50_2": 0.01}
+# Tiles per method (0 = whole-image squash). PaDiM keeps one Gaussian per position of a fixed frame,
+# which tiles of images of varying shapes do not have, so it stays whole-image.
+DEFAULT_TILE_SIZE = {"patchcore": 0, "padim": 0}
+# PatchCore's bank: 10% of the training patches at a 256 px input (32 x 32 patches per image). The bank
+# needs to cover the normal patches, not to sample them at a fixed rate: at 4x the patches per image
+# (512 px) neighbouring patches overlap more and the same bank size covers them, so the default ratio
+# keeps the bank size per image constant: 0.1 * (256 / model input side)^2, and 0.1 below 256 px.
+DEFAULT_CORESET_RATIO, CORESET_REFERENCE_SIDE = 0.1, 256
+DEFAULT_INPUT_SIZE = 256  # whole-image models
 
 
 @dataclass
@@ -46,9 +55,22 @@ class FitConfig:
     backbone: str = "efficientnet_lite0"
     layers: list[str] = field(default_factory=list)  # empty -> DEFAULT_LAYERS
     weights: str | None = None  # backbone weights file; required for wide_resnet50_2
-    input_size: int = 256
+    # The model's square input side: a whole-image model squashes every image to it; a tiled model's
+    # input is one tile. 0 = the tile size, or 256 for whole-image models.
+    input_size: int = 0
+    # Tiling (engine/tiling.py). tile_size > 0: the image is resized by image_scale (0 = auto: its
+    # short side to tile_size; 1 = native) and cut into tile_size x tile_size windows overlapping by
+    # tile_overlap; their patch grids are stitched into one grid per image and the map keeps the
+    # image's aspect ratio, long side at most map_size. tile_size 0: whole-image squash (input_size).
+    # -1 = the method's default (DEFAULT_TILE_SIZE).
+    tile_size: int = -1
+    tile_overlap: float = 0.25
+    image_scale: float = 0.0
+    map_size: int = 1024
+    # The fit keeps at most this many training patches: beyond it, a seeded sample of the tiles.
+    max_train_patches: int = 2_000_000
     # PatchCore
-    coreset_ratio: float = 0.1
+    coreset_ratio: float = 0.0  # 0 = auto: DEFAULT_CORESET_RATIO at 256 x 256 patches' density (see resolved)
     projection_dim: int = 128  # random projection used only to select the coreset
     num_neighbors: int = 9  # reweighting neighbourhood of the image score
     # Per-layer column weights, so that each layer carries the same share of
@@ -81,6 +103,20 @@ class FitConfig:
             cfg.padim_features = DEFAULT_PADIM_FEATURES.get(cfg.backbone, 100)
         if cfg.covariance_eps < 0:
             cfg.covariance_eps = DEFAULT_COVARIANCE_EPS.get(cfg.backbone, 0.01)
+        if cfg.tile_size < 0:  # the method's default mode, at the input size asked for if any
+            default = DEFAULT_TILE_SIZE.get(cfg.method, 0)
+            cfg.tile_size = (cfg.input_size or default) if default else 0
+        if cfg.tile_size > 0:
+            if cfg.input_size and cfg.input_size != cfg.tile_size:
+                raise ConfigError(
+                    f"input_size {cfg.input_size} and tile_size {cfg.tile_size} disagree: a tiled model's input is one "
+                    "tile; set one of them, or tile_size 0 for a whole-image model"
+                )
+            cfg.input_size = cfg.tile_size
+        cfg.input_size = cfg.input_size or DEFAULT_INPUT_SIZE
+        if cfg.coreset_ratio <= 0:
+            density = min(1.0, (CORESET_REFERENCE_SIDE / cfg.input_size) ** 2)
+            cfg.coreset_ratio = DEFAULT_CORESET_RATIO * density
         cfg.validate()
         return cfg
 
@@ -101,6 +137,11 @@ class FitConfig:
                 "(torchvision's state dict, .pth or .safetensors) or set `weights:` in the config"
             )
         _range("input_size", self.input_size, 32, 4096)
+        _range("tile_size", self.tile_size, 0, 4096)
+        _range("tile_overlap", self.tile_overlap, 0.0, 0.75)
+        _range("image_scale", self.image_scale, 0.0, 16.0)
+        _range("map_size", self.map_size, 16, 16384)
+        _range("max_train_patches", self.max_train_patches, 1000, 10**9)
         _range("coreset_ratio", self.coreset_ratio, 1e-6, 1.0)
         _range("projection_dim", self.projection_dim, 0, 100_000)
         _range("num_neighbors", self.num_neighbors, 1, 1000)
@@ -111,6 +152,13 @@ class FitConfig:
         _range("covariance_eps", self.covariance_eps, 0.0, 1e6)
         if self.input_size % 32:
             raise ConfigError(f"input_size must be a multiple of 32 (backbone strides), got {self.input_size}")
+        if self.tile_size % 32:
+            raise ConfigError(f"tile_size must be 0 or a multiple of 32 (backbone strides), got {self.tile_size}")
+        if self.tile_size and self.method == "padim":
+            raise ConfigError(
+                "tile_size must be 0 for method padim: PaDiM keeps one Gaussian per position of a fixed frame, "
+                "which tiles of images of different shapes do not share; use method patchcore to tile"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ NEVER_IMPORTS = {
                       "engine.evaluation", "engine.demo", "engine.cli", "engine.api"),
     "engine.features": ("engine.inputs", "engine.models", "engine.scan", "engine.distributed", "engine.report",
                         "engine.evaluation", "engine.demo", "engine.cli", "engine.api"),
-    "engine.models": ("engine.inputs", "engine.scan", "engine.distributed", "engine.report", "engine.evaluation",
+    "engine.models": ("engine.scan", "engine.distributed", "engine.report", "engine.evaluation",
                       "engine.demo", "engine.cli", "engine.api"),
     "engine.scan": ("engine.distributed", "engine.report", "engine.evaluation", "engine.demo", "engine.cli",
                     "engine.api"),

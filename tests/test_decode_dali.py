@@ -10,7 +10,12 @@ from imagegen import jpeg_bytes, png_bytes, valid_files
 
 from engine.errors import ConfigError, DecodeError
 from engine.inputs.decode import DECODER_TOLERANCE, resize_batch
-from engine.inputs.decoders import DaliDecoder, PillowDecoder, dali_available, make_decoder
+from engine.inputs.decoders import (
+    DaliDecoder,
+    PillowDecoder,
+    dali_available,
+    make_decoder,
+)
 from engine.inputs.inspection import ImageInfo, inspect_bytes
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")

@@ -8,11 +8,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from imagegen import broken_files, encode, exif_rotated_jpeg, pattern, valid_files, write_files
+from imagegen import (
+    broken_files,
+    encode,
+    exif_rotated_jpeg,
+    pattern,
+    valid_files,
+    write_files,
+)
 from PIL import Image
 
 from engine.errors import DecodeError
-from engine.inputs.decode import _box_reduce, decode_pillow, read_rgb, resize_batch, to_tensor
+from engine.inputs.decode import (
+    _box_reduce,
+    decode_pillow,
+    read_rgb,
+    resize_batch,
+    to_tensor,
+)
 from engine.inputs.inspection import inspect_bytes
 
 

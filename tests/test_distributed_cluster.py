@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from engine.cli.main import main as cli_main
-from engine.distributed.cluster import ClusterRequest, connect, default_torch_threads, visible_gpus
+from engine.distributed.cluster import (
+    ClusterRequest,
+    connect,
+    default_torch_threads,
+    visible_gpus,
+)
 from engine.distributed.driver import _workers_device
 from engine.errors import ConfigError
 from engine.scan.job import open_scan, run_shard, scan

@@ -21,7 +21,9 @@ from sklearn.metrics import roc_auc_score
 from engine.errors import DataError, DecodeError
 from engine.evaluation import metrics
 from engine.evaluation.evaluate import evaluate, format_table
-from engine.inputs import datasets  # not `import test_items`: pytest would collect it as a test
+from engine.inputs import (
+    datasets,  # not `import test_items`: pytest would collect it as a test
+)
 from engine.inputs.decode import read_rgb, to_tensor
 
 SIZE = 64
@@ -83,16 +85,15 @@ def test_metrics_agree_with_independent_computation(
     items = datasets.test_items(bottle_root, "bottle")
     out = mean_model.score(to_tensor([read_rgb(i.path) for i in items], SIZE))
     labels = np.array([i.label for i in items])
+    # Pixel metrics at the masks' own resolution (256 px here, the model's maps are 64 px): the maps
+    # are resized bilinearly onto the images, the masks are never resized.
+    native = 256
     masks = np.stack(
-        [
-            np.zeros((SIZE, SIZE), bool)
-            if i.mask is None
-            else np.asarray(Image.open(i.mask).resize((SIZE, SIZE), Image.Resampling.NEAREST)) > 127
-            for i in items
-        ]
+        [np.zeros((native, native), bool) if i.mask is None else np.asarray(Image.open(i.mask)) > 127 for i in items]
     )
+    maps = F.interpolate(out.maps[:, None], size=(native, native), mode="bilinear", align_corners=False)[:, 0]
     assert bottle_result["image_auroc"] == pytest.approx(roc_auc_score(labels, out.scores.numpy()), abs=1e-6)
-    expected_pixel = roc_auc_score(masks.ravel(), out.maps.numpy().ravel())
+    expected_pixel = roc_auc_score(masks.ravel(), maps.numpy().ravel())
     assert bottle_result["pixel_auroc"] == pytest.approx(expected_pixel, abs=1.5 / metrics.DEFAULT_MAX_THRESHOLDS)
     # The stand-in sees real defects: far better than chance at the pixel level.
     assert bottle_result["pixel_auroc"] > 0.75

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 import kernels.coreset_cpu as coreset_cpu
-from kernels.coreset import greedy_kcenter, greedy_kcenter_torch, greedy_kcenter_with_radius
+from kernels.coreset import (
+    greedy_kcenter,
+    greedy_kcenter_torch,
+    greedy_kcenter_with_radius,
+)
 from kernels.coreset_cpu import greedy_kcenter_lazy
 
 

@@ -12,7 +12,14 @@ import pytest
 import zarr
 
 from engine.errors import ConfigError
-from engine.scan.store import CONTRACT_SCHEMA, ScanStore, ShardCounts, encode_schema, rows_schema, shard_rows
+from engine.scan.store import (
+    CONTRACT_SCHEMA,
+    ScanStore,
+    ShardCounts,
+    encode_schema,
+    rows_schema,
+    shard_rows,
+)
 
 EXTRA = pa.schema([("site", pa.string()), ("score", pa.float64())])  # "score" clashes with ours
 

@@ -19,7 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", help="efficientnet_lite0 (default) or wide_resnet50_2")
     p.add_argument("--weights", help="backbone weights file (.pth / .safetensors); required for wide_resnet50_2")
     p.add_argument("--layers", help="comma-separated backbone layers, e.g. blocks.2,blocks.4")
-    p.add_argument("--input-size", type=int, dest="input_size")
+    p.add_argument("--input-size", type=int, dest="input_size", help="whole-image models: the square input side")
+    p.add_argument("--tile-size", type=int, dest="tile_size",
+                   help="model input side per tile; 0 = whole image squashed to --input-size (default: the method's)")
+    p.add_argument("--tile-overlap", type=float, dest="tile_overlap", help="overlap of neighbouring tiles, fraction of a tile")
+    p.add_argument("--image-scale", type=float, dest="image_scale",
+                   help="resize factor before tiling; 1 = native, 0 = the short side to the tile size (default)")
+    p.add_argument("--map-size", type=int, dest="map_size", help="tiled models: long side of stored maps at most")
     p.add_argument("--coreset-ratio", type=float, dest="coreset_ratio")
     p.add_argument("--holdout-fraction", type=float, dest="holdout_fraction")
     p.add_argument("--target-far", type=float, dest="target_false_alarm_rate", help="target false-alarm rate")
@@ -34,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_fit)
 
 
-FIT_KEYS = ("method", "backbone", "weights", "layers", "input_size", "coreset_ratio", "holdout_fraction",
+FIT_KEYS = ("method", "backbone", "weights", "layers", "input_size", "tile_size", "tile_overlap", "image_scale",
+            "map_size", "coreset_ratio", "holdout_fraction",
             "target_false_alarm_rate", "seed", "batch_size", "device", "precision", "layer_balance")
 
 

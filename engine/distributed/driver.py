@@ -60,6 +60,7 @@ class _ModelFacts:
     meta: dict
     threshold: float
     device: Any
+    tile_spec: Any = None  # a TileSpec for tiled models
 
 
 @dataclass
@@ -326,7 +327,7 @@ def scan_on_cluster(
         if options.device == "auto":  # each worker then uses the device type found on one of them
             options = dataclasses.replace(options, device=device)
         local = load_model(model_dir, device="cpu")
-        facts = _ModelFacts(local.input_size, local.meta, float(local.threshold), torch.device(device))
+        facts = _ModelFacts(local.input_size, local.meta, float(local.threshold), torch.device(device), local.tile_spec)
         del local
         job = open_scan(model_dir, source, out_dir, options, resume=resume, model=facts)
         counts = job.done_counts()

@@ -1,9 +1,11 @@
 """`vade eval`: score an MVTec-layout test split with a model and compute the metrics.
 
-Images are decoded and resized exactly as a scan does (engine.inputs.decode); ground-truth masks are resized to
-the model's input with nearest-neighbour sampling so they stay binary. Maps are kept at the input size
-as float32: 600 test images at 256 px hold 157 MB. The throughput counts decode + resize + scoring, not
-the mask reading.
+Images are decoded and resized exactly as a scan does (engine.inputs.decode); a tiled model scores
+each image's tiles and stitches them as a scan does. Pixel metrics are computed at each ground-truth
+mask's own resolution: every map is resized to its image's size (bilinear, the overlay rule of a
+scan's maps) and a mask is never resized. Maps and masks are read one image at a time for the
+metrics (engine.evaluation.metrics streams them), so memory holds the maps at map size only. The
+throughput counts decode + resize + scoring, not the mask reading.
 """
 
 from __future__ import annotations
@@ -16,14 +18,21 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from engine.errors import DataError, DecodeError
 from engine.evaluation import metrics
 from engine.inputs.datasets import TestItem, test_items
 from engine.inputs.decode import read_rgb, to_tensor
+from engine.inputs.inspection import oriented_size
+from engine.models.tiled import score_images_tiled
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
+# EXIF orientation -> the transpose that displays the image (as PIL.ImageOps.exif_transpose applies it)
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}  # fmt: skip
 
 
 class ScoringModel(Protocol):
@@ -34,28 +43,73 @@ class ScoringModel(Protocol):
     def score(self, images: torch.Tensor) -> Any: ...  # ScoreOutput(scores[B], maps[B, S, S])
 
 
-def _read_mask(item: TestItem, size: int) -> np.ndarray:
-    """The item's mask resized (nearest) to size x size, as its image is; refused unless the mask
-    has its image's size (either orientation: EXIF rotation may transpose the image)."""
-    if item.mask is None:
-        return np.zeros((size, size), dtype=bool)
+def _orientation(path: Path) -> int:
     try:
-        with Image.open(item.mask) as img:
-            mask_size = img.size
-            mask = img.convert("L").resize((size, size), Image.Resampling.NEAREST)
-    except OSError as exc:
-        raise DataError(f"cannot read ground-truth mask {item.mask}: {exc}") from exc
-    try:
-        with Image.open(item.path) as img:
-            image_size = img.size
+        with Image.open(path) as img:
+            return int(img.getexif().get(0x0112, 1))
     except OSError:
-        return np.asarray(mask) > 0  # an unreadable image is reported when it is decoded
-    if mask_size not in (image_size, image_size[::-1]):
-        raise DataError(
-            f"ground-truth mask {item.mask} is {mask_size[0]}x{mask_size[1]} but its image {item.path} is "
-            f"{image_size[0]}x{image_size[1]}; a mask must have its image's size"
-        )
-    return np.asarray(mask) > 0
+        return 1
+
+
+def check_masks(items: Sequence[TestItem]) -> list[tuple[int, int]]:
+    """Each image's displayed (height, width); refuses a mask that is not its image's size (either
+    orientation: EXIF rotation may transpose the image). Runs before any scoring."""
+    sizes = []
+    for item in items:
+        try:
+            size = oriented_size(item.path)
+        except DecodeError:
+            size = (0, 0)  # an unreadable image is reported when it is decoded
+        if item.mask is not None:
+            try:
+                with Image.open(item.mask) as img:
+                    mask_w, mask_h = img.size
+            except OSError as exc:
+                raise DataError(f"cannot read ground-truth mask {item.mask}: {exc}") from exc
+            if size != (0, 0) and (mask_h, mask_w) not in (size, size[::-1]):
+                raise DataError(
+                    f"ground-truth mask {item.mask} is {mask_w}x{mask_h} but its image {item.path} is "
+                    f"{size[1]}x{size[0]}; a mask must have its image's size"
+                )
+        sizes.append(size)
+    return sizes
+
+
+class MaskSequence(Sequence):
+    """Ground-truth masks at their own resolution, read on access, oriented as their images are shown."""
+
+    def __init__(self, items: Sequence[TestItem], sizes: Sequence[tuple[int, int]]):
+        self.items, self.sizes = list(items), list(sizes)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        item, size = self.items[i], self.sizes[i]
+        if item.mask is None:
+            return np.zeros(size, dtype=bool)
+        with Image.open(item.mask) as img:
+            mask = img.convert("L")
+            if mask.size[::-1] != size:  # stored unrotated, its image displayed rotated
+                mask = mask.transpose(_ORIENT.get(_orientation(item.path), Image.Transpose.TRANSPOSE))
+            return np.asarray(mask) > 0
+
+
+class MapsAtImageSize(Sequence):
+    """Each map resized (bilinear, align_corners=False) to its image's (height, width), on access."""
+
+    def __init__(self, maps: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]):
+        self.maps, self.sizes = list(maps), list(sizes)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        amap, size = self.maps[i], self.sizes[i]
+        if amap.shape == size:
+            return amap
+        up = F.interpolate(torch.from_numpy(amap)[None, None], size=size, mode="bilinear", align_corners=False)
+        return up[0, 0].numpy()
 
 
 def _decode(item: TestItem) -> np.ndarray:
@@ -67,33 +121,42 @@ def _decode(item: TestItem) -> np.ndarray:
 
 def score_items(
     model: ScoringModel, items: Sequence[TestItem], *, batch_size: int = 16, progress: Progress | None = None
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """(image scores [N] float32, maps [N, S, S] float32, seconds spent decoding and scoring)."""
-    size = int(model.input_size)
-    device = getattr(model, "device", "cpu")
+) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, int]], float]:
+    """(image scores [N] float32, raw maps (float32, the model's map shape each), displayed image
+    sizes (height, width), seconds spent decoding and scoring)."""
     scores = np.empty(len(items), dtype=np.float32)
-    maps = np.empty((len(items), size, size), dtype=np.float32)
+    maps: list[np.ndarray] = []
+    sizes: list[tuple[int, int]] = []
     started = time.perf_counter()
+    spec = getattr(model, "tile_spec", None)
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        images = to_tensor([_decode(item) for item in batch], size).to(device)
-        with torch.inference_mode():
-            out = model.score(images)
-        batch_maps = out.maps.detach().float().cpu().numpy()
-        if batch_maps.shape != (len(batch), size, size):
-            raise ValueError(f"model returned maps of shape {batch_maps.shape}; expected {(len(batch), size, size)}")
-        scores[start : start + len(batch)] = out.scores.detach().float().cpu().numpy()
-        maps[start : start + len(batch)] = batch_maps
+        decoded = [_decode(item) for item in batch]
+        sizes += [(int(px.shape[0]), int(px.shape[1])) for px in decoded]
+        if spec is None:
+            size = int(model.input_size)
+            images = to_tensor(decoded, size).to(getattr(model, "device", "cpu"))
+            with torch.inference_mode():
+                out = model.score(images)
+            batch_maps = out.maps.detach().float().cpu().numpy()
+            if batch_maps.shape != (len(batch), size, size):
+                raise ValueError(f"model returned maps of shape {batch_maps.shape}; expected {(len(batch), size, size)}")
+            scores[start : start + len(batch)] = out.scores.detach().float().cpu().numpy()
+            maps += list(batch_maps)
+        else:
+            for k, (_, out) in enumerate(score_images_tiled(model, enumerate(decoded))):
+                scores[start + k] = float(out.score)
+                maps.append(out.map.detach().float().cpu().numpy())
         if progress is not None:
             progress(start + len(batch), len(items))
-    return scores, maps, time.perf_counter() - started
+    return scores, maps, sizes, time.perf_counter() - started
 
 
 def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else round(float(value), 6)
 
 
-def _metric_block(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
+def _metric_block(labels: np.ndarray, scores: np.ndarray, masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> dict[str, Any]:
     curves = metrics.pixel_curves(masks, maps)
     return {
         "image_auroc": _json_float(metrics.image_auroc(labels, scores)),
@@ -120,17 +183,23 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     items = test_items(Path(root), category)
-    masks = np.stack([_read_mask(item, int(model.input_size)) for item in items])  # checked before scoring
-    scores, maps, seconds = score_items(model, items, batch_size=batch_size, progress=progress)
+    check_masks(items)  # before scoring
+    scores, maps, sizes, seconds = score_items(model, items, batch_size=batch_size, progress=progress)
     labels = np.array([item.label for item in items], dtype=np.int64)
     defects = np.array([item.defect for item in items])
 
-    result = _metric_block(labels, scores, masks, maps)
+    def block_of(subset: np.ndarray) -> dict[str, Any]:
+        chosen = np.flatnonzero(subset)
+        chosen_sizes = [sizes[i] for i in chosen]
+        masks = MaskSequence([items[i] for i in chosen], chosen_sizes)
+        return _metric_block(labels[chosen], scores[chosen], masks, MapsAtImageSize([maps[i] for i in chosen], chosen_sizes))
+
+    result = block_of(np.ones(len(items), dtype=bool))
     per_defect: dict[str, dict[str, Any]] = {}
     good = defects == "good"
     for defect in sorted(set(defects.tolist()) - {"good"}):
         subset = good | (defects == defect)
-        block = _metric_block(labels[subset], scores[subset], masks[subset], maps[subset])
+        block = block_of(subset)
         per_defect[defect] = {**block, "count": int((defects == defect).sum())}
     result["per_defect"] = per_defect
     result["n_images"] = len(items)

@@ -93,12 +93,25 @@ class PixelCurves:
     n_regions: int
 
 
-def _as_stack(arrays: MapStack, name: str) -> list[np.ndarray]:
-    stack = list(arrays) if not isinstance(arrays, np.ndarray) or arrays.ndim == 3 else [arrays]
-    for a in stack:
-        if np.ndim(a) != 2:
-            raise ValueError(f"{name} must be 2-D per image (H, W); found shape {np.shape(a)}")
-    return stack
+def _as_stack(arrays: MapStack, name: str) -> Sequence[np.ndarray]:
+    """A stack of 2-D arrays as an indexable sequence, without copying (lazy sequences stay lazy)."""
+    if isinstance(arrays, np.ndarray):
+        if arrays.ndim == 2:
+            return [arrays]
+        if arrays.ndim != 3:
+            raise ValueError(f"{name} must be 2-D per image (H, W); found shape {arrays.shape}")
+    return arrays
+
+
+def _pairs(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]):
+    """(bool mask, float32 map) per image, checked, one image at a time."""
+    for i in range(len(masks)):
+        mask, amap = np.asarray(masks[i]), np.asarray(maps[i], dtype=np.float32)
+        if mask.ndim != 2 or amap.ndim != 2:
+            raise ValueError(f"image {i}: masks and maps must be 2-D per image (H, W); found {mask.shape}, {amap.shape}")
+        if mask.shape != amap.shape:
+            raise ValueError(f"image {i}: mask shape {mask.shape} differs from map shape {amap.shape}")
+        yield (mask if mask.dtype == bool else mask != 0), amap
 
 
 def _sample(values: np.ndarray, stride: int) -> np.ndarray:
@@ -112,14 +125,18 @@ def _quantiles(sample: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return np.quantile(sample, levels, method="inverted_cdf")
 
 
-def _thresholds(maps: list[np.ndarray], masks: list[np.ndarray], max_thresholds: int) -> np.ndarray:
+def _thresholds(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], max_thresholds: int) -> np.ndarray:
     """Ascending thresholds: every distinct value when few, else quantiles of each class (see module doc)."""
-    n_defect = sum(int(np.count_nonzero(m)) for m in masks)
-    n_normal = sum(m.size for m in masks) - n_defect
+    n_defect = n_all = 0
+    for i in range(len(masks)):  # masks alone: a lazy map sequence is not computed for this
+        mask = np.asarray(masks[i])
+        n_defect += int(np.count_nonzero(mask))
+        n_all += mask.size
+    n_normal = n_all - n_defect
     normal_stride = max(1, -(-n_normal // _SAMPLE_PER_CLASS))
     defect_stride = max(1, -(-n_defect // _SAMPLE_PER_CLASS))
     normal_parts, defect_parts = [], []
-    for amap, mask in zip(maps, masks, strict=True):
+    for mask, amap in _pairs(masks, maps):
         normal_parts.append(_sample(amap[~mask], normal_stride))
         defect_parts.append(_sample(amap[mask], defect_stride))
     normal = np.concatenate(normal_parts).astype(np.float64)
@@ -143,25 +160,21 @@ def pixel_curves(
 ) -> PixelCurves:
     """FPR, TPR and PRO of anomaly maps against ground-truth masks, one image in memory at a time.
 
-    masks: (N, H, W) or a list of (H, W), nonzero = defect. maps: the same shapes, higher = more anomalous.
+    masks: (N, H, W) or a sequence of (H, W) (any indexable sequence with len: a lazy one is read
+    image by image, twice), nonzero = defect. maps: the same shapes, higher = more anomalous.
     A pixel is flagged at threshold t when its score >= t.
     """
-    mask_list = [m if m.dtype == bool else m != 0 for m in map(np.asarray, _as_stack(masks, "masks"))]
-    map_list = _as_stack(maps, "maps")
-    if len(mask_list) != len(map_list):
-        raise ValueError(f"{len(mask_list)} masks but {len(map_list)} maps")
-    for i, (mask, amap) in enumerate(zip(mask_list, map_list, strict=True)):
-        if mask.shape != np.shape(amap):
-            raise ValueError(f"image {i}: mask shape {mask.shape} differs from map shape {np.shape(amap)}")
-    map_list = [np.asarray(a, dtype=np.float32) for a in map_list]
-    thresholds = _thresholds(map_list, mask_list, max_thresholds)
+    mask_seq, map_seq = _as_stack(masks, "masks"), _as_stack(maps, "maps")
+    if len(mask_seq) != len(map_seq):
+        raise ValueError(f"{len(mask_seq)} masks but {len(map_seq)} maps")
+    thresholds = _thresholds(mask_seq, map_seq, max_thresholds)
     n_bins = thresholds.size + 1
     # bin b of a pixel = how many thresholds are <= its score: flagged at thresholds[0 .. b-1].
     normal_hist = np.zeros(n_bins, dtype=np.int64)
     defect_hist = np.zeros(n_bins, dtype=np.int64)
     overlap_hist = np.zeros(n_bins, dtype=np.float64)  # sum over regions of flagged fraction
     n_regions = 0
-    for mask, amap in zip(mask_list, map_list, strict=True):
+    for mask, amap in _pairs(mask_seq, map_seq):
         bins = np.searchsorted(thresholds, amap.ravel(), side="right")
         flat_mask = mask.ravel()
         normal_hist += np.bincount(bins[~flat_mask], minlength=n_bins)

@@ -65,3 +65,37 @@ def grid_to_map_direct(grid_scores: torch.Tensor, size: int, sigma: float) -> to
     """The same map by upsampling and convolving the full-size image (the reference for tests)."""
     up = F.interpolate(grid_scores.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
     return gaussian_blur(up.squeeze(1), sigma)
+
+
+@functools.lru_cache(maxsize=64)
+def crop_map_operator(cells: int, stride: int, extent: int, out: int, sigma: float, device: str = "cpu") -> torch.Tensor:
+    """(out, cells) float32 for a grid of `cells` stride-pixel cells whose first `extent` pixels are the
+    image: map pixel y samples image coordinate (y + 0.5) * extent / out, interpolated linearly between
+    cell centres (clamped at the ends, as align_corners=False upsampling is), then Gaussian-blurred
+    with sigma scaled to map pixels (reflect padding). When the grid covers exactly the image and the
+    map has the image's size, this is map_operator itself."""
+    if cells * stride == extent == out:
+        return map_operator(cells, out, sigma, device)
+    pos = (torch.arange(out, dtype=torch.float64) + 0.5) * (extent / out) / stride - 0.5
+    pos = pos.clamp(0, cells - 1)
+    low = pos.floor().long().clamp(max=cells - 1)
+    high = (low + 1).clamp(max=cells - 1)
+    frac = pos - low
+    up = torch.zeros((out, cells), dtype=torch.float64)
+    up[torch.arange(out), low] += 1.0 - frac
+    up[torch.arange(out), high] += frac
+    map_sigma = sigma * out / extent
+    if map_sigma > 0:
+        k = gaussian_kernel1d(map_sigma, dtype=torch.float64)
+        r = k.numel() // 2
+        cols = up.T.unsqueeze(1)  # (cells, 1, out)
+        up = F.conv1d(F.pad(cols, (r, r), mode=_pad_mode(out, r)), k.view(1, 1, -1))[:, 0, :].T
+    return up.contiguous().float().to(device)
+
+
+def grid_to_image_map(grid: torch.Tensor, stride: int, extent: tuple[int, int], out: tuple[int, int], sigma: float) -> torch.Tensor:
+    """(h, w) patch scores of a grid whose top-left `extent` (pixels) is the image -> (out_h, out_w) map."""
+    dev = str(grid.device)
+    rows = crop_map_operator(grid.shape[0], stride, extent[0], out[0], sigma, dev)
+    cols = crop_map_operator(grid.shape[1], stride, extent[1], out[1], sigma, dev)
+    return rows @ grid.float() @ cols.T

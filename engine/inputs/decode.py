@@ -15,6 +15,7 @@ here (tests/test_decode_dali.py checks |difference| <= DECODER_TOLERANCE after p
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from PIL import Image, ImageOps
 from engine.errors import DecodeError
 from engine.inputs.inspection import inspect_bytes, read_bytes
 from engine.inputs.settings import DEFAULT_MAX_PIXELS
+from engine.tiling import TileLayout
 
 DECODER_TOLERANCE = 2.0 / 255.0  # max |difference| between decoders after preprocessing, values in [0, 1]
 REDUCE_ABOVE_PIXELS = 4096 * 4096
@@ -44,15 +46,19 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         return np.repeat(np.nan_to_num(arr).astype(np.uint8)[:, :, None], 3, axis=2)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    return np.array(img.convert("RGB"), dtype=np.uint8)
+    # One copy of the pixels, read-only (np.array would add a second: 300 MB more for 100 MP).
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def decode_pillow(data: bytes) -> np.ndarray:
-    """Decode inspected bytes with Pillow to RGB uint8 (H, W, 3), EXIF orientation applied."""
+    """Decode inspected bytes with Pillow to RGB uint8 (H, W, 3), EXIF orientation applied.
+
+    The array is read-only (it shares Pillow's export of the pixels); wrap it with pixels_tensor."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)
+            return _to_rgb(img)
     except OSError as exc:
         if "truncated" in str(exc):
             raise DecodeError(f"truncated image data: {exc}") from exc
@@ -81,6 +87,20 @@ def _box_reduce(chw: torch.Tensor, factor: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def _resized(batch_hwc: torch.Tensor, out_h: int, out_w: int, reduce: bool) -> torch.Tensor:
+    """Same-shape uint8 (B, H, W, 3) -> float32 (B, 3, out_h, out_w) in [0, 255]: integer box reduction
+    first for very large images, then bilinear with antialias."""
+    height, width = batch_hwc.shape[1], batch_hwc.shape[2]
+    factor = min(height // (4 * out_h), width // (4 * out_w))
+    if reduce and height * width > REDUCE_ABOVE_PIXELS and factor >= 2:
+        batch = torch.stack([_box_reduce(px.permute(2, 0, 1), factor) for px in batch_hwc])
+    else:
+        batch = batch_hwc.permute(0, 3, 1, 2).float()
+    if batch.shape[-2:] != (out_h, out_w):
+        batch = F.interpolate(batch, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+    return batch.clamp_(0, 255)
+
+
 def resize_batch(pixels: list[torch.Tensor], size: int) -> torch.Tensor:
     """RGB uint8 (H, W, 3) tensors of any sizes, one device -> float32 (B, 3, size, size) in [0, 1].
 
@@ -91,19 +111,60 @@ def resize_batch(pixels: list[torch.Tensor], size: int) -> torch.Tensor:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, px in enumerate(pixels):
         groups.setdefault(tuple(px.shape), []).append(i)
-    for shape, members in groups.items():
-        height, width = shape[0], shape[1]
-        factor = min(height, width) // (4 * size)
-        if height * width > REDUCE_ABOVE_PIXELS and factor >= 2:
-            batch = torch.stack([_box_reduce(pixels[i].permute(2, 0, 1), factor) for i in members])
-        else:
-            batch = torch.stack([pixels[i] for i in members]).permute(0, 3, 1, 2).float()
-        if batch.shape[-2:] != (size, size):
-            batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[members] = batch.clamp_(0, 255) / 255.0
+    for members in groups.values():
+        batch = torch.stack([pixels[i] for i in members])
+        out[members] = _resized(batch, size, size, reduce=True) / 255.0
     return out
+
+
+def pixels_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """An RGB uint8 array as a tensor without a copy, read-only arrays included (decoded pixels are
+    only ever read: every preprocessing step writes a new tensor)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(rgb))
 
 
 def to_tensor(images: list[np.ndarray], size: int) -> torch.Tensor:
     """RGB uint8 arrays of any sizes -> float32 (B, 3, size, size) in [0, 1]."""
-    return resize_batch([torch.from_numpy(np.ascontiguousarray(rgb)) for rgb in images], size)
+    return resize_batch([pixels_tensor(rgb) for rgb in images], size)
+
+
+def scaled_image(pixels: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> the image at the layout's scaled size, (3, h, w): the uint8 pixels
+    themselves (no copy) when the size is unchanged, else float32 in [0, 255] resized as resize_batch does."""
+    if (layout.scaled_h, layout.scaled_w) == tuple(pixels.shape[:2]):
+        return pixels.permute(2, 0, 1)
+    return _resized(pixels.unsqueeze(0), layout.scaled_h, layout.scaled_w, reduce=True)[0]
+
+
+def cut_tiles(image: torch.Tensor, layout: TileLayout, first: int, count: int) -> torch.Tensor:
+    """Tiles first .. first+count-1 of a scaled image (3, h, w) -> float32 (count, 3, T, T) in [0, 1].
+
+    Rows and columns past the image repeat its last ones (replicate padding), so one tile covering
+    the whole image equals resize_batch's result for it bit for bit.
+    """
+    tile = layout.spec.tile
+    out = torch.empty((count, 3, tile, tile), dtype=torch.float32, device=image.device)
+    steps = torch.arange(tile, device=image.device)
+    for k in range(count):
+        y0, x0 = layout.origin(first + k)
+        rows = (steps + y0).clamp_(max=layout.scaled_h - 1)
+        cols = (steps + x0).clamp_(max=layout.scaled_w - 1)
+        window = image.index_select(1, rows).index_select(2, cols)
+        out[k] = window.float() / 255.0
+    return out
+
+
+def tile_chunks(pixels: torch.Tensor, layout: TileLayout, chunk: int, tiles: list[int] | None = None):
+    """(first tile index, float32 tiles) for `tiles` (default all) of RGB uint8 (H, W, 3) `pixels`, at
+    most `chunk` consecutive tiles at a time: one scaled image and one chunk of tiles in memory."""
+    image = scaled_image(pixels, layout)
+    wanted = list(range(layout.n_tiles)) if tiles is None else sorted(tiles)
+    start = 0
+    while start < len(wanted):
+        stop = start + 1
+        while stop < len(wanted) and stop - start < chunk and wanted[stop] == wanted[stop - 1] + 1:
+            stop += 1
+        yield wanted[start], cut_tiles(image, layout, wanted[start], stop - start)
+        start = stop

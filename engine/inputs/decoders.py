@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from engine.errors import ConfigError, DecodeError
-from engine.inputs.decode import decode_pillow
+from engine.inputs.decode import decode_pillow, pixels_tensor
 from engine.inputs.inspection import ImageInfo
 from engine.inputs.settings import DECODERS
 
@@ -33,7 +33,7 @@ class Decoder(Protocol):
 
 def _pillow(data: bytes, device: torch.device) -> Result:
     try:
-        return torch.from_numpy(decode_pillow(data)).to(device)
+        return pixels_tensor(decode_pillow(data)).to(device)
     except DecodeError as exc:
         return exc
 

@@ -143,3 +143,14 @@ def read_bytes(path: str | Path) -> bytes:
         raise DecodeError("is a folder, not an image file") from None
     except OSError as exc:
         raise DecodeError(f"cannot read the file: {exc.strerror or exc}") from exc
+
+
+def oriented_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image as displayed (EXIF orientation applied), from its header alone."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DecodeError(f"cannot read the image header: {exc}") from exc
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)

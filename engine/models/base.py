@@ -14,6 +14,8 @@ from engine.artifact import save_model
 from engine.calibration import Calibration
 from engine.config import FitConfig
 from engine.features.backbones import FeatureExtractor, build_extractor
+from engine.features.maps import grid_to_image_map
+from engine.tiling import TileLayout, TileSpec
 from kernels._checks import cpu_native_bf16
 
 
@@ -23,6 +25,14 @@ class ScoreOutput:
 
     scores: torch.Tensor  # (B,) float32
     maps: torch.Tensor  # (B, S, S) float32
+
+
+@dataclass
+class ImageOutput:
+    """Raw results for one tiled image: its score and its map at the layout's map shape."""
+
+    score: torch.Tensor  # () float32
+    map: torch.Tensor  # (map_h, map_w) float32
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,6 +76,16 @@ class AnomalyModel(ABC):
         return self.cfg.input_size
 
     @property
+    def tile_spec(self) -> TileSpec | None:
+        """How this model tiles images; None for a whole-image (squash) model."""
+        if not self.cfg.tile_size:
+            return None
+        strides = self.extractor.strides
+        return TileSpec(
+            self.cfg.tile_size, self.cfg.tile_overlap, self.cfg.image_scale, max(strides), strides[0], self.cfg.map_size
+        )
+
+    @property
     def threshold(self) -> float:
         if self.calibration is None:
             raise RuntimeError("model is not calibrated yet")
@@ -95,6 +115,33 @@ class AnomalyModel(ABC):
             raise ValueError(f"images must be {self.input_size}x{self.input_size}, got {tuple(images.shape)}")
         return self.score_features(self.features(images))
 
+    @torch.inference_mode()
+    def score_tiles(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw patch-level grids of a batch of tiles, (B, C, h, w) float32: channel 0 the patch
+        scores, further channels what `finish_tiled` needs (stitched like the scores)."""
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"tiles must be {self.input_size}x{self.input_size}, got {tuple(images.shape)}")
+        return self.tile_grids(self.features(images))
+
+    def tile_grids(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError(f"{self.method} does not score tiles")
+
+    def finish_tiled(self, stitched: torch.Tensor, layout: TileLayout) -> ImageOutput:
+        """Image score and map from an image's stitched grids (C, gh, gw): the map is the patch
+        scores upsampled and blurred onto the image; the score is the max patch score over the
+        cells inside the image, times channel 1 at that cell where the method supplies one."""
+        valid_h, valid_w = layout.valid_cells
+        scores = stitched[0, :valid_h, :valid_w].reshape(-1)
+        worst = int(scores.argmax())
+        score = scores[worst]
+        if stitched.shape[0] > 1:
+            score = score * stitched[1, :valid_h, :valid_w].reshape(-1)[worst]
+        amap = grid_to_image_map(
+            stitched[0], layout.spec.stride, (layout.scaled_h, layout.scaled_w), (layout.map_h, layout.map_w),
+            self.cfg.blur_sigma,
+        )
+        return ImageOutput(score.float(), amap)
+
     @property
     def meta(self) -> dict:
         """JSON-able description: how the model was made and what it holds."""
@@ -105,7 +152,7 @@ class AnomalyModel(ABC):
             "layers": list(self.cfg.layers),
             "input_size": self.input_size,
             "normalization": {"mean": list(spec.mean), "std": list(spec.std), "range": "[0, 1] RGB"},
-            "resize": "bilinear with antialias to input_size x input_size; aspect ratio not kept",
+            "resize": self._resize_policy(),
             "config": self.cfg.to_dict(),
             "fit": dict(self.fit_stats),
         }
@@ -115,6 +162,13 @@ class AnomalyModel(ABC):
             meta["calibration"] = self.calibration.to_dict()
             meta["normal_score_quantiles"] = meta["calibration"]["normal_score_quantiles"]
         return meta
+
+    def _resize_policy(self) -> str:
+        if not self.cfg.tile_size:
+            return "bilinear with antialias to input_size x input_size; aspect ratio not kept"
+        scale = "short side to tile_size" if self.cfg.image_scale <= 0 else f"x{self.cfg.image_scale:g}"
+        return (f"resized ({scale}, bilinear with antialias), then tiles of {self.cfg.tile_size} px overlapping "
+                f"by {self.cfg.tile_overlap:g}; aspect ratio kept")
 
     # ---- what each method supplies
 

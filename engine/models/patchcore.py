@@ -147,18 +147,29 @@ class PatchCore(AnomalyModel):
         self.bank = bank.contiguous().to(self.device)
         self.bank_sq_norms = knn.sq_norms(self.bank)  # once per bank, not per query batch
         self._index: KnnIndex | None = None
+        self._support: torch.Tensor | None = None
 
     def prepare_scoring(self) -> None:
-        """Build the CPU index now (once), so threads that score at the same time share it."""
+        """Build the CPU index (and, for tiles, the bank's neighbour table) now, once, so threads that
+        score at the same time share them."""
         if self.device.type != "cuda" and self._index is None:
             self._index = KnnIndex.build(self.bank, seed=self.cfg.seed)
+        if self.cfg.tile_size and self._support is None:
+            self._support = self._neighbour_table()
+
+    def _neighbour_table(self) -> torch.Tensor:
+        """(M, k) the `num_neighbors` bank rows nearest each bank row (itself first): the support of
+        the image-score reweighting, looked up per patch instead of searched per image."""
+        k = min(self.cfg.num_neighbors, self.bank.shape[0])
+        parts = [self.nearest(self.bank[start : start + 8192], k)[1] for start in range(0, self.bank.shape[0], 8192)]
+        return torch.cat(parts)
 
     def nearest(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k nearest bank rows: the fused kernel on CUDA, a pruned cell index on CPUs."""
         if self.device.type == "cuda":
             return knn.topk(rows, self.bank, k, bank_sq_norms=self.bank_sq_norms)
-        self.prepare_scoring()
-        assert self._index is not None
+        if self._index is None:
+            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed)
         return self._index.search(rows, k)
 
     def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
@@ -184,6 +195,23 @@ class PatchCore(AnomalyModel):
         dists = torch.linalg.vector_norm(self.bank[support] - worst_rows[:, None, :], dim=2)
         weights = 1.0 - torch.softmax(dists, dim=1)[:, 0]
         return weights * score
+
+    def tile_grids(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """(B, 2, h, w): patch scores, and per patch the reweighting factor the image score applies
+        when that patch is the worst (1 - softmax over its distances to its nearest entry's support)."""
+        emb = self._embed(feature_maps)
+        b, c, h, w = emb.shape
+        rows = to_rows(emb)
+        dist, idx = self.nearest(rows, 1)
+        factor = torch.ones_like(dist[:, 0])
+        if min(self.cfg.num_neighbors, self.bank.shape[0]) > 1:
+            self.prepare_scoring()
+            assert self._support is not None
+            for start in range(0, rows.shape[0], 2048):
+                support = self._support[idx[start : start + 2048, 0]]  # (n, k), first is the entry itself
+                dists = torch.linalg.vector_norm(self.bank[support] - rows[start : start + 2048, None, :], dim=2)
+                factor[start : start + 2048] = 1.0 - torch.softmax(dists, dim=1)[:, 0]
+        return torch.stack([dist[:, 0].view(b, h, w), factor.view(b, h, w)], dim=1).float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"bank": self.bank.detach().float().cpu().contiguous(), "column_weights": self.column_weights.contiguous()}

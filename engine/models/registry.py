@@ -24,8 +24,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", weight
     tensors = read_tensors(model_dir / TENSORS_FILE, meta)
     try:
         overrides = {"weights": str(weights)} if weights else {}
-        # Files written before `precision` / layer balancing existed: fp32 CPU features, raw layers.
-        old = {"precision": "fp32", "layer_balance": "none"}
+        # Files written before `precision`, layer balancing and tiling existed: fp32 CPU features,
+        # raw layers, whole-image squash.
+        old = {"precision": "fp32", "layer_balance": "none", "tile_size": 0}
         cfg = config_from_dict({**old, **meta["config"], **overrides}).resolved()
     except ConfigError as exc:
         raise ModelFileError(f"{model_dir / META_FILE} has an invalid config: {exc}") from exc

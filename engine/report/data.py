@@ -42,6 +42,7 @@ class Row:
     score: float
     raw_score: float | None
     label: str | None
+    map_shape: tuple[int, int] | None = None  # (map_height, map_width) of maps that keep the image's shape
 
 
 @dataclass
@@ -282,8 +283,12 @@ class _Accumulator:
         has_raw = "raw_score" in batch.schema.names
         raw = subset.column("raw_score").to_pylist() if has_raw else [None] * chosen.size
         in_top, in_sample = np.isin(chosen, take_top), np.isin(chosen, take_sample)
+        shaped = "map_height" in batch.schema.names
+        heights = subset.column("map_height").to_pylist() if shaped else [None] * chosen.size
+        widths = subset.column("map_width").to_pylist() if shaped else [None] * chosen.size
         for j, i in enumerate(chosen):
-            row = Row(paths[j], int(index[i]), float(scores[i]), raw[j], labels[j])
+            shape = (heights[j], widths[j]) if heights[j] and widths[j] else None
+            row = Row(paths[j], int(index[i]), float(scores[i]), raw[j], labels[j], shape)
             if in_top[j]:
                 self.top_rows.append(row)
             if in_sample[j]:
@@ -344,7 +349,8 @@ def load_scan(out_dir: Path, *, top: int = 24, sample_rows: int = 200_000, group
     data.sample_fraction = min(1.0, sample_rows / max(pf.metadata.num_rows, 1))
 
     accumulator = _Accumulator(data, grouper, top, seed)
-    wanted = [c for c in ("path", "index", "score", "raw_score", "status", "error", "is_anomalous", "shard", "label", "defect") if c in names]
+    wanted = [c for c in ("path", "index", "score", "raw_score", "status", "error", "is_anomalous", "shard", "label", "defect",
+                          "map_height", "map_width") if c in names]
     for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=wanted + ([time_column] if time_column else [])):
         accumulator.add(batch)
     return accumulator.finish(label_columns=bool({"defect", "label"} & set(names)))

@@ -139,7 +139,10 @@ def _scores_section(data: ScanData, reference: np.ndarray | None, ref_quantiles:
 
 
 def _label_section(data: ScanData) -> str:
-    from sklearn.metrics import precision_recall_curve, roc_curve  # only where labels exist: a slow import
+    from sklearn.metrics import (  # only where labels exist: a slow import
+        precision_recall_curve,
+        roc_curve,
+    )
 
     from engine.evaluation import metrics
 
@@ -206,6 +209,8 @@ def _tiles(rows: list[Row], data: ScanData, maps: Any) -> str:
         amap = None
         if maps is not None and 0 <= row.index < maps.shape[0]:
             amap = np.asarray(maps[row.index], dtype=np.float32)  # one chunk: one image's map
+            if row.map_shape is not None:  # a map that keeps the image's shape: the rest is NaN
+                amap = amap[: row.map_shape[0], : row.map_shape[1]]
         image_path = _resolve_image(row.path, data)
         rgb = plots.load_thumbnail(image_path, TILE_BOX) if image_path is not None else None
         label = f" &middot; {_e(row.label)}" if row.label else ""

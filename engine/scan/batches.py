@@ -6,7 +6,7 @@ imports another stage for its types.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from engine.inputs.sources import Record, Shard
+    from engine.tiling import TileLayout
 
 
 @dataclass
@@ -28,6 +29,20 @@ class LoadedBatch:
     errors: dict[int, str]  # offset -> what is wrong with the file
     last_in_shard: bool
     seconds: float
+    # Tiled models: `images` is empty; each decoded image's layout, and its scaled pixels until the
+    # loader has cut them into TileChunks (only the loader thread touches `scaled`).
+    layouts: dict[int, TileLayout] = field(default_factory=dict)
+    scaled: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TileChunk:
+    """Consecutive tiles of one decoded image of a LoadedBatch, sent after the batch itself."""
+
+    batch: LoadedBatch
+    offset: int  # the image's offset in batch.records
+    first: int  # index of the first tile in the image's layout
+    tiles: torch.Tensor  # (n, 3, T, T) float32 in [0, 1]
 
 
 @dataclass
@@ -35,7 +50,7 @@ class ScoredBatch:
     loaded: LoadedBatch
     raw_scores: np.ndarray  # (n_ok,) float32
     scores: np.ndarray  # (n_ok,) float32, normalised
-    maps: np.ndarray  # (n_ok, S, S) float16, normalised
+    maps: np.ndarray  # (n_ok, S, S) float16, normalised (tiled: each map at [:map_h, :map_w], NaN around)
     anomalous: np.ndarray  # (n_ok,) bool
 
 

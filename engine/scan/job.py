@@ -26,12 +26,25 @@ from engine import __version__
 from engine.artifact import model_fingerprint
 from engine.errors import ConfigError
 from engine.inputs.decoders import make_decoder
-from engine.inputs.sources import Shard, Source, iter_shards, open_source, plan, shard_count
+from engine.inputs.sources import (
+    Shard,
+    Source,
+    iter_shards,
+    open_source,
+    plan,
+    shard_count,
+)
 from engine.scan.batches import StageTimes
 from engine.scan.loop import run_shards
 from engine.scan.options import MODEL_BATCH, ScanOptions, resolve_model_batch
 from engine.scan.progress import Progress
-from engine.scan.store import ScanStore, ShardCounts, check_new_out_dir, encode_schema, rows_schema
+from engine.scan.store import (
+    ScanStore,
+    ShardCounts,
+    check_new_out_dir,
+    encode_schema,
+    rows_schema,
+)
 
 __all__ = ["MODEL_BATCH", "ScanJob", "ScanOptions", "ScanResult", "open_scan", "run_shard", "scan"]
 
@@ -107,19 +120,38 @@ class ScanJob:
         return self.done_counts()
 
 
+def map_slot(model: Any) -> int:
+    """Side of each image's slot in maps.zarr: the input size (whole-image models) or map_size (tiled)."""
+    return int(model.input_size) if model.tile_spec is None else int(model.tile_spec.map_size)
+
+
 def _maps_attrs(model: Any, size: int) -> dict[str, Any]:
     meta = model.meta
+    spec = model.tile_spec
+    if spec is None:
+        resize = {
+            "policy": "stretch: each image (EXIF orientation applied) was resized to map_size, aspect ratio not kept",
+            "method": "bilinear with antialias (images over 16 MP first box-averaged by an integer factor)",
+            "to_image": "resize maps[i] to (height, width) from its row: map pixel (y, x) covers image rows "
+            "[y*height/H, (y+1)*height/H) and columns [x*width/W, (x+1)*width/W)",
+        }
+    else:
+        scale = "short side to the tile size" if spec.scale <= 0 else f"by {spec.scale:g}"
+        resize = {
+            "policy": f"tiled: each image (EXIF orientation applied) resized {scale}, cut into {spec.tile} px tiles "
+            f"overlapping by {spec.overlap:g}, patch grids stitched; the map keeps the image's aspect ratio, long "
+            f"side at most {spec.map_size}",
+            "method": "bilinear with antialias (images over 16 MP first box-averaged by an integer factor)",
+            "to_image": "the map of row r is maps[r.index][:r.map_height, :r.map_width] (the rest of the slot is NaN); "
+            "resize it to (height, width): map pixel (y, x) covers image rows [y*height/map_height, "
+            "(y+1)*height/map_height) and columns [x*width/map_width, (x+1)*width/map_width)",
+        }
     return {
         "description": "per-pixel anomaly maps, normalised so that 0.5 is the model's calibrated threshold",
         "rows": "maps[i] belongs to the scores.parquet row whose `index` is i; error rows have index -1 "
         "and no map (their slot reads as NaN)",
         "map_size": [size, size],
-        "resize": {
-            "policy": "stretch: each image (EXIF orientation applied) was resized to map_size, aspect ratio not kept",
-            "method": "bilinear with antialias (images over 16 MP first box-averaged by an integer factor)",
-            "to_image": "resize maps[i] to (height, width) from its row: map pixel (y, x) covers image rows "
-            "[y*height/H, (y+1)*height/H) and columns [x*width/W, (x+1)*width/W)",
-        },
+        "resize": resize,
         "threshold_normalised": 0.5,
         "threshold_raw": float(model.threshold),
         "model": {k: meta.get(k) for k in ("method", "backbone", "layers", "input_size", "bank_size")},
@@ -162,17 +194,17 @@ def open_scan(
         "source_fingerprint": planned.fingerprint,
         "shard_size": options.shard_size,
         "shards": shard_count(planned.count, options.shard_size),
-        "map_size": model.input_size,
+        "map_size": map_slot(model),
         "max_pixels": options.max_pixels,
         "model_batch": resolve_model_batch(options, model.device.type),
         "device_type": model.device.type,
-        "rows_schema": encode_schema(rows_schema(src.extra_schema)),
+        "rows_schema": encode_schema(rows_schema(src.extra_schema, map_shapes=model.tile_spec is not None)),
         "model_meta": model.meta,
     }
     if resume and not _is_fresh(out_dir):
         store = ScanStore.reopen(out_dir, manifest)
     else:
-        store = ScanStore.create(out_dir, manifest, _maps_attrs(model, model.input_size))
+        store = ScanStore.create(out_dir, manifest, _maps_attrs(model, map_slot(model)))
     return ScanJob(model, src, store, options, set(store.done_shards()))
 
 

@@ -28,11 +28,12 @@ import torch
 
 from engine.inputs.decoders import make_decoder
 from engine.inputs.sources import Record, Shard
-from engine.scan.batches import LoadedBatch, ScoredBatch, StageTimes
-from engine.scan.loader import load_batch
+from engine.scan.batches import LoadedBatch, ScoredBatch, StageTimes, TileChunk
+from engine.scan.loader import load_batch, load_tiled_batches, tile_chunks_of
 from engine.scan.model_stage import MicroResult, ModelStage
 from engine.scan.options import ScanOptions, resolve_model_batch
 from engine.scan.store import ScanStore, ShardCounts
+from engine.scan.tiles import TileBatcher
 from engine.scan.writer import ShardWriter
 
 _DONE = object()
@@ -178,11 +179,22 @@ def run_shards(
     scored_q: queue.Queue = queue.Queue(maxsize=max(1, options.write_queue))
     writer = ShardWriter(store, on_shard_done)
 
+    tiles = model.tile_spec
+
     def load_all() -> None:
         torch.set_num_threads(1)  # this thread's resizes only: the model owns the cores
         for shard, records, last in _batches(shards, options.batch_size):
-            if not _put(loaded_q, load_batch(shard, records, decoder, size, options.max_pixels, last), stop):
-                return
+            if tiles is None:
+                if not _put(loaded_q, load_batch(shard, records, decoder, size, options.max_pixels, last), stop):
+                    return
+                continue
+            for batch in load_tiled_batches(shard, records, decoder, options.max_pixels, last, tiles):
+                # the batch, then its tiles: one group of decoded images and a few chunks in memory
+                if not _put(loaded_q, batch, stop):
+                    return
+                for chunk in tile_chunks_of(batch, model_batch):
+                    if not _put(loaded_q, chunk, stop):
+                        return
         _put(loaded_q, _DONE, stop)
 
     def write_all() -> None:
@@ -198,8 +210,8 @@ def run_shards(
         if on_batch:
             on_batch(len(scored.loaded.records))
 
-    stage = ModelStage(model, model_batch, times)
-    gather = _MicroBatcher(stage, times, emit)
+    stage = ModelStage(model, model_batch, times, tiles=tiles is not None)
+    gather = _MicroBatcher(stage, times, emit) if tiles is None else TileBatcher(stage, times, emit)
     try:
         while True:
             try:
@@ -210,6 +222,9 @@ def run_shards(
                 continue
             if item is _DONE:
                 break
+            if isinstance(item, TileChunk):
+                gather.add_tiles(item)
+                continue
             times.decode += item.seconds
             gather.add(item)
         gather.flush()

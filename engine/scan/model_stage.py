@@ -43,8 +43,9 @@ class ModelStage:
 
     `depth` micro-batches should be kept in flight to keep every worker busy."""
 
-    def __init__(self, model: Any, model_batch: int, times: Any, cpu_threads: int | None = None):
+    def __init__(self, model: Any, model_batch: int, times: Any, cpu_threads: int | None = None, tiles: bool = False):
         self.model, self.model_batch, self.times = model, model_batch, times
+        self.tiles = tiles  # micro-batches of tiles: results are their raw patch grids (model.score_tiles)
         self.pending: deque[tuple[Future | MicroResult, int]] = deque()
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -78,12 +79,15 @@ class ModelStage:
         else:
             self.pending.append((self._pool.submit(self._run, images, real), real))
 
-    def next_result(self) -> MicroResult:
-        """The oldest submitted micro-batch's results (waiting for them if need be)."""
+    def next_result(self) -> Any:
+        """The oldest submitted micro-batch's results (waiting for them if need be): a MicroResult,
+        or for tiles the (real, C, h, w) raw grids."""
         job, _ = self.pending.popleft()
         return job.result() if isinstance(job, Future) else job
 
-    def _run(self, images: torch.Tensor, real: int) -> MicroResult:
+    def _run(self, images: torch.Tensor, real: int) -> Any:
+        if self.tiles:
+            return self._run_tiles(images, real)
         model = self.model
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -99,6 +103,19 @@ class ModelStage:
             self.times.features += t1 - t0
             self.times.scoring += t2 - t1
         return MicroResult(raw_np, scores, maps, raw_np.astype(np.float64) >= float(model.threshold))
+
+
+    def _run_tiles(self, images: torch.Tensor, real: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            feature_maps = self.model.features(images)
+            t1 = time.perf_counter()
+            grids = self.model.tile_grids(feature_maps)[:real]
+        t2 = time.perf_counter()
+        with self._lock:
+            self.times.features += t1 - t0
+            self.times.scoring += t2 - t1
+        return grids
 
 
 def score_images(model: Any, images: torch.Tensor, model_batch: int, times: Any) -> list[MicroResult]:

@@ -46,6 +46,8 @@ CONTRACT_SCHEMA = pa.schema(
         ("shard", pa.int32()),
     ]
 )
+# Tiled models' maps keep the image's shape: maps[index][:map_height, :map_width] is the map.
+MAP_SHAPE_COLUMNS = [("map_height", pa.int32()), ("map_width", pa.int32())]
 SOURCE_PREFIX = "source_"  # carried manifest columns whose names clash with ours get this prefix
 
 
@@ -234,12 +236,15 @@ def utf8_path(path: str) -> str:
 
 def output_name(source_column: str) -> str:
     """The scores.parquet name of a carried source column (prefixed when it clashes with ours)."""
-    return SOURCE_PREFIX + source_column if source_column in CONTRACT_SCHEMA.names else source_column
+    ours = CONTRACT_SCHEMA.names + [name for name, _ in MAP_SHAPE_COLUMNS]
+    return SOURCE_PREFIX + source_column if source_column in ours else source_column
 
 
-def rows_schema(extra: pa.Schema) -> pa.Schema:
-    """The scores.parquet schema: contract columns then the source's carried columns."""
-    return pa.schema([*CONTRACT_SCHEMA, *(f.with_name(output_name(f.name)) for f in extra)])
+def rows_schema(extra: pa.Schema, map_shapes: bool = False) -> pa.Schema:
+    """The scores.parquet schema: contract columns, map_height/map_width for maps that keep the
+    image's shape, then the source's carried columns."""
+    shape_fields = [pa.field(name, kind) for name, kind in MAP_SHAPE_COLUMNS] if map_shapes else []
+    return pa.schema([*CONTRACT_SCHEMA, *shape_fields, *(f.with_name(output_name(f.name)) for f in extra)])
 
 
 def shard_rows(schema: pa.Schema, columns: dict[str, list[Any]]) -> pa.Table:

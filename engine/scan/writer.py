@@ -25,6 +25,7 @@ class ShardWriter:
         self.maps = store.maps_array()
         self.extra_names = {name: output_name(name) for name in store.manifest.get("source_columns", [])}
         self.on_shard_done = on_shard_done
+        self.map_shapes = "map_height" in store.schema.names
         self.seconds = 0.0
         self._columns: dict[str, list[Any]] = {}
         self._counts = ShardCounts()
@@ -35,7 +36,10 @@ class ShardWriter:
         loaded = scored.loaded
         first = loaded.records[0].position
         block = np.full((len(loaded.records), *self.maps.shape[1:]), np.nan, dtype=np.float16)
-        if loaded.ok:
+        if isinstance(scored.maps, list):  # tiled: each map at its own shape, NaN around it
+            for offset, amap in zip(loaded.ok, scored.maps, strict=True):
+                block[offset, : amap.shape[0], : amap.shape[1]] = amap
+        elif loaded.ok:
             block[loaded.ok] = scored.maps
         self.maps[first : first + len(loaded.records)] = block  # error slots stay empty (NaN fill)
         result_of = {offset: i for i, offset in enumerate(loaded.ok)}
@@ -55,6 +59,10 @@ class ShardWriter:
             cols["height"].append(height)
             cols["position"].append(record.position)
             cols["shard"].append(loaded.shard.id)
+            if self.map_shapes:
+                layout = loaded.layouts.get(offset) if i is not None else None
+                cols["map_height"].append(layout.map_h if layout else None)
+                cols["map_width"].append(layout.map_w if layout else None)
             for name, out_name in self.extra_names.items():
                 cols[out_name].append(record.extra.get(name))
         self._counts += ShardCounts(len(loaded.ok), len(loaded.errors), int(scored.anomalous.sum()))
