@@ -3,9 +3,9 @@
 An image (height x width as decoded, EXIF orientation applied) is resized by `scale` (auto: its short
 side to the tile size), then cut into tile x tile windows whose origins are multiples of `align` (the
 deepest backbone stride, so every tile's patch cells fall on one global grid of `stride`-pixel cells).
-Neighbouring windows overlap by about `overlap` of a tile (origins are spread evenly, then rounded). Where the scaled image is smaller than a
-tile, or not a multiple of `align`, its last row and column are repeated (replicate padding), so an
-image smaller than a tile is padded, never refused.
+Neighbouring windows overlap by about `overlap` of a tile (origins are spread evenly, then rounded).
+Where the scaled image is smaller than a tile, or not a multiple of `align`, it is padded by mirroring
+its last rows and columns, so an image smaller than a tile is padded, never refused.
 
     global cell (i, j) covers scaled-image pixels [i*stride, (i+1)*stride) x [j*stride, (j+1)*stride);
     tile t covers cells [cy, cy + tile/stride) x [cx, cx + tile/stride), cy = origin_y / stride.

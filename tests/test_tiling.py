@@ -46,8 +46,16 @@ def test_an_image_smaller_than_a_tile_is_one_padded_tile() -> None:
     pixels = torch.arange(20 * 30 * 3, dtype=torch.int64).remainder(251).to(torch.uint8).view(20, 30, 3)
     tile = cut_tiles(scaled_image(pixels, layout), layout, 0, 1)[0]
     assert tile.shape == (3, 64, 64)
-    assert torch.equal(tile[:, 19:, :], tile[:, 19:20, :].expand(3, 45, 64))  # replicate padding
     assert torch.equal(tile[:, :20, :30], pixels.permute(2, 0, 1).float() / 255.0)
+    assert torch.equal(tile[:, 20:39, :30], tile[:, :19, :30].flip(1))  # mirrored at the last row
+    assert torch.equal(tile[:, :20, 30:59], tile[:, :20, :29].flip(2))
+
+
+def test_mirrored_indices_fold_any_length() -> None:
+    from engine.inputs.decode import mirrored
+
+    assert mirrored(torch.arange(9), 3).tolist() == [0, 1, 2, 1, 0, 1, 2, 1, 0]
+    assert mirrored(torch.arange(4), 1).tolist() == [0, 0, 0, 0]
 
 
 def test_auto_scale_puts_the_short_side_on_the_tile() -> None:

@@ -138,19 +138,30 @@ def scaled_image(pixels: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     return _resized(pixels.unsqueeze(0), layout.scaled_h, layout.scaled_w, reduce=True)[0]
 
 
+def mirrored(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Indices into [0, length) for any positions >= 0: the image reflected at its last row or column
+    (..., n-2, n-1, n-2, ..., 0, 1, ...), as often as needed, so padding continues the picture."""
+    if length == 1:
+        return torch.zeros_like(positions)
+    period = 2 * (length - 1)
+    folded = positions.remainder(period)
+    return torch.where(folded < length, folded, period - folded)
+
+
 def cut_tiles(image: torch.Tensor, layout: TileLayout, first: int, count: int) -> torch.Tensor:
     """Tiles first .. first+count-1 of a scaled image (3, h, w) -> float32 (count, 3, T, T) in [0, 1].
 
-    Rows and columns past the image repeat its last ones (replicate padding), so one tile covering
-    the whole image equals resize_batch's result for it bit for bit.
+    Rows and columns past the image mirror it (a texture or an edge goes on as it was, where repeating
+    the last row would draw streaks no normal image has); one tile covering the whole image equals
+    resize_batch's result for it bit for bit.
     """
     tile = layout.spec.tile
     out = torch.empty((count, 3, tile, tile), dtype=torch.float32, device=image.device)
     steps = torch.arange(tile, device=image.device)
     for k in range(count):
         y0, x0 = layout.origin(first + k)
-        rows = (steps + y0).clamp_(max=layout.scaled_h - 1)
-        cols = (steps + x0).clamp_(max=layout.scaled_w - 1)
+        rows = mirrored(steps + y0, layout.scaled_h)
+        cols = mirrored(steps + x0, layout.scaled_w)
         window = image.index_select(1, rows).index_select(2, cols)
         out[k] = window.float() / 255.0
     return out
