@@ -32,6 +32,7 @@ from kernels._checks import use_triton
 from kernels._triton import Launch, cdiv, device_function, interpreting, run, tl
 
 PRECISIONS = ("tf32", "fp32", "tf32x3")
+FACTOR_POSITIONS = 256  # positions per float64 Cholesky block in precision_factor
 
 
 @device_function
@@ -115,8 +116,12 @@ def precision_factor(precision: torch.Tensor) -> torch.Tensor:
     """L[P, D, D] lower-triangular with precision[p] = L[p] L[p]^T (float64 Cholesky, float32 out).
 
     Make it once per model (it costs P * D^3 / 3) and pass it to `mahalanobis(..., factor=L)`.
+    Factored FACTOR_POSITIONS positions at a time: the float64 copy stays small (WRN50: 4,096 x 550^2).
     """
-    return torch.linalg.cholesky(precision.double()).float().contiguous()
+    out = torch.empty(precision.shape, dtype=torch.float32, device=precision.device)
+    for lo in range(0, precision.shape[0], FACTOR_POSITIONS):
+        out[lo : lo + FACTOR_POSITIONS] = torch.linalg.cholesky(precision[lo : lo + FACTOR_POSITIONS].double())
+    return out
 
 
 def mahalanobis_launch(
