@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.inputs.decoders import make_decoder
+from engine.inputs.decoders import Decoder, make_decoder
 from engine.inputs.sources import Record, Shard
 from engine.scan.batches import LoadedBatch, ScoredBatch, StageTimes
 from engine.scan.loader import load_batch
@@ -166,11 +166,14 @@ def run_shards(
     options: ScanOptions,
     on_batch: Callable[[int], None] | None = None,
     on_shard_done: Callable[[Shard, ShardCounts], None] | None = None,
+    decoder: Decoder | None = None,
 ) -> StageTimes:
-    """Scan `shards` into `store` with decode, model and writes overlapped; returns time per stage."""
+    """Scan `shards` into `store` with decode, model and writes overlapped; returns time per stage.
+
+    decoder: one to reuse (a Dask worker keeps its DALI pipeline across tasks); default: a new one."""
     times = StageTimes()
     started = time.perf_counter()
-    decoder = make_decoder(options.decoder, model.device, options.batch_size, options.decode_threads)
+    decoder = decoder or make_decoder(options.decoder, model.device, options.batch_size, options.decode_threads)
     size = model.input_size
     model_batch = resolve_model_batch(options, model.device.type)
     stop = threading.Event()
