@@ -181,16 +181,35 @@ def run_shards(
     scored_q: queue.Queue = queue.Queue(maxsize=max(1, options.write_queue))
     writer = ShardWriter(store, on_shard_done)
 
+    on_cuda = model.device.type == "cuda"
+
     def load_all() -> None:
         torch.set_num_threads(1)  # this thread's resizes only: the model owns the cores
-        for shard, records, last in _batches(shards, options.batch_size):
-            if not _put(loaded_q, load_batch(shard, records, decoder, size, options.max_pixels, last), stop):
+        if on_cuda:  # several loader workers, pinned copies (engine/scan/cuda_feed.py)
+            loaded: Iterable[LoadedBatch] = cuda_feed.load_batches(
+                _batches(shards, options.batch_size), cuda_decoder, size, options.max_pixels, model.device, workers, stop
+            )
+        else:
+            loaded = (load_batch(shard, records, decoder, size, options.max_pixels, last)
+                      for shard, records, last in _batches(shards, options.batch_size))  # fmt: skip
+        for batch in loaded:
+            if not _put(loaded_q, batch, stop):
                 return
         _put(loaded_q, _DONE, stop)
 
     def write_all() -> None:
         while (item := scored_q.get()) is not _DONE:
             writer.write(item)
+
+    if on_cuda:
+        from engine.scan import cuda_feed
+
+        workers = cuda_feed.feed_workers(options.feed_workers)
+        threads = cuda_feed.decoder_threads(workers, options.decode_threads)
+        first = [decoder]  # the caller's (or the one made above) goes to the first worker
+
+        def cuda_decoder() -> Decoder:
+            return first.pop() if first else make_decoder(options.decoder, model.device, options.batch_size, threads)
 
     loader, writer_thread = _Worker("vade-loader", load_all), _Worker("vade-writer", write_all)
     loader.start()
@@ -201,7 +220,7 @@ def run_shards(
         if on_batch:
             on_batch(len(scored.loaded.records))
 
-    stage = ModelStage(model, model_batch, times)
+    stage = cuda_feed.CudaModelStage(model, model_batch, times) if on_cuda else ModelStage(model, model_batch, times)
     gather = _MicroBatcher(stage, times, emit)
     try:
         while True:
