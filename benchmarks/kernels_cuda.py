@@ -23,7 +23,7 @@ CHUNK = 16_384  # bank rows per materialised block in the baselines
 
 
 def device_time(fn: Callable[[], Any], device: str, reps: int = 3) -> float:
-    """Median seconds of `reps` runs after one warm-up (which also autotunes)."""
+    """Median seconds of `reps` runs after one warm-up (which also compiles)."""
     fn()
     times = []
     for _ in range(reps):

@@ -14,6 +14,7 @@ folds the newest pick into min_d2 and takes the arg-max:
 
     Triton (CUDA): one fused launch per pick reads x once, updates min_d2 and writes one
                    (max, argmax) pair per block; a second tiny launch reduces the block pairs.
+                   The tile is fixed by the width alone; offsets are 64-bit.
     CPU:           kernels/coreset_cpu.py, candidate rounds with GEMM-bounded lazy refreshes:
                    exact, same picks, 10-20x faster than one pass per pick.
     torch:         the reference below, one full pass per pick.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from kernels._checks import check_2d, use_triton
-from kernels._triton import jit_kernel, tl
+from kernels._triton import Launch, cdiv, interpreting, jit_kernel, on_device, tl
 from kernels.coreset_cpu import greedy_kcenter_lazy
 
 
@@ -75,30 +76,67 @@ def _kcenter_pick_kernel(
     tl.store(top_ptr + step, best_v)
 
 
+# Rows per program and width of a column slab: a [BLOCK_N, BLOCK_D] fp32 tile on num_warps warps.
+# 512 x 128 on 4 warps spilled 15.5 KB per thread on sm_90; 256 x 64 on 8 warps holds 64 values per
+# thread, 148 registers and no spill (benchmarks/results/compile_sm90.json).
+STEP_TILE = {"BLOCK_N": 256, "BLOCK_D": 64, "num_warps": 8, "num_stages": 1}
+STEP_INTERPRET_TILE = {"BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1}
+PICK_BLOCK = {False: 1024, True: 16}
+
+
+def step_tile(dim: int, interpreted: bool = False) -> dict:
+    """The step kernel's tile: a pure function of the width (the interpreter runs programs one by one,
+    so few, wide blocks keep CPU tests quick)."""
+    tile = dict(STEP_INTERPRET_TILE if interpreted else STEP_TILE)
+    tile["BLOCK_D"] = min(tile["BLOCK_D"], max(16, 1 << (dim - 1).bit_length()))
+    return tile
+
+
+def kcenter_launches(
+    xf: torch.Tensor, min_d2: torch.Tensor, centre: torch.Tensor, part_val: torch.Tensor, part_idx: torch.Tensor,
+    picks: torch.Tensor, tops: torch.Tensor, step: int, interpreted: bool = False,
+) -> tuple[Launch, Launch]:  # fmt: skip
+    """The two launches of one pick: fold the newest pick in (per block), then reduce the blocks."""
+    n_rows, dim = xf.shape
+    tile = step_tile(dim, interpreted)
+    warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
+    n_parts = part_val.shape[0]
+    fold = Launch(
+        _kcenter_step_kernel, (n_parts,), (xf, min_d2, centre, part_val, part_idx, n_rows, dim, xf.stride(0)),
+        tile, warps, stages,
+    )  # fmt: skip
+    pick = Launch(
+        _kcenter_pick_kernel, (1,), (part_val, part_idx, n_parts, centre, picks, tops, step),
+        {"BLOCK": PICK_BLOCK[interpreted]}, 4, 1,
+    )  # fmt: skip
+    return fold, pick
+
+
 def greedy_kcenter_triton(x: torch.Tensor, n: int, start: int = 0) -> tuple[torch.Tensor, float]:
     """Two launches per pick and no host synchronisation: the picks queue up on the GPU."""
-    step_kernel, interpreted = jit_kernel(_kcenter_step_kernel, None)
-    pick_kernel, _ = jit_kernel(_kcenter_pick_kernel, None)
-    xf = x.float().contiguous()
+    interpreted = interpreting()
+    xf = x.float()
+    xf = xf if xf.stride(1) == 1 else xf.contiguous()
     n_rows, dim = xf.shape
-    # The interpreter runs programs one after another: few, wide blocks keep CPU tests quick.
-    block_n = 64 if interpreted else 512
-    block_d = min(128, max(16, 1 << (dim - 1).bit_length()))
-    n_parts = -(-n_rows // block_n)
-    min_d2 = torch.full((n_rows,), float("inf"), device=x.device)
-    part_val = torch.empty(n_parts, dtype=torch.float32, device=x.device)
-    part_idx = torch.empty(n_parts, dtype=torch.int32, device=x.device)
-    picks = torch.empty(n + 1, dtype=torch.long, device=x.device)
+    n_parts = cdiv(n_rows, step_tile(dim, interpreted)["BLOCK_N"])
+    device = x.device
+    min_d2 = torch.full((n_rows,), float("inf"), device=device)
+    part_val = torch.empty(n_parts, dtype=torch.float32, device=device)
+    part_idx = torch.empty(n_parts, dtype=torch.int32, device=device)
+    picks = torch.empty(n + 1, dtype=torch.long, device=device)
     picks[0] = start
-    centre = torch.full((1,), start, dtype=torch.int32, device=x.device)
-    tops = torch.empty(n, dtype=torch.float32, device=x.device)
-    block = 16 if interpreted else 1024
-    for step in range(n):
-        step_kernel[(n_parts,)](
-            xf, min_d2, centre, part_val, part_idx, n_rows, dim, xf.stride(0), BLOCK_N=block_n, BLOCK_D=block_d
-        )
-        pick_kernel[(1,)](part_val, part_idx, n_parts, centre, picks, tops, step, BLOCK=block)
+    centre = torch.full((1,), start, dtype=torch.int32, device=device)
+    tops = torch.empty(n, dtype=torch.float32, device=device)
+    fold, pick = kcenter_launches(xf, min_d2, centre, part_val, part_idx, picks, tops, 0, interpreted)
+    step_kernel, _ = jit_kernel(fold.fn)
+    pick_kernel, _ = jit_kernel(pick.fn)
+    extra = {} if interpreted else {"num_warps": fold.num_warps, "num_stages": fold.num_stages}
+    with on_device(xf):  # one device guard for the whole loop: two launches per pick
+        for step in range(n):
+            step_kernel[fold.grid](*fold.args, **fold.constexprs, **extra)
+            pick_kernel[pick.grid](*pick.args[:-1], step, **pick.constexprs)
     return picks[:n], float(tops[n - 1].clamp_min(0).sqrt())
+
 
 def _check(x: torch.Tensor, n: int, start: int) -> None:
     check_2d("x", x)

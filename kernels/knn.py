@@ -19,14 +19,25 @@ Operand precision (`precision=`):
 
     "fp32"  IEEE fp32 dot (CUDA cores; the slow truth)     "tf32"  TF32 tensor cores
     "bf16" / "fp16"  half-width operands, fp32 accumulation (approximate ranking and distances)
-    "exact" (default) a bf16 pass keeps `candidates` (2k + 8) per query, then a second kernel
-            recomputes those candidates' distances directly as sum((q - b)^2) in fp32 and keeps
-            the k best: indices and distances of the fp32 truth unless more than 2k + 8 bank rows
-            tie within bf16 rounding of the k-th.
+    "exact" (default) a bf16 pass keeps `candidates` (min(2k + 8, MAX_K)) per query, then a
+            second kernel recomputes those candidates' distances directly as sum((q - b)^2) in fp32
+            and keeps the k best: indices and distances of the fp32 truth unless more bank rows
+            than the spare candidates tie within bf16 rounding of the k-th.
 
 A bank that stays in host memory (CPU tensor, CUDA queries) is streamed to the GPU in chunks
 through pinned buffers, the next chunk's copy overlapping the current chunk's kernel, and the
-chunks' top-k lists merged (kernels/knn_stream.py). The CPU path for large banks is the exact index
+chunks' top-k lists merged (kernels/knn_stream.py); a bank already in pinned memory is copied straight
+from there.
+
+Tiles are a pure function of the shapes (`tile_config`), never autotuned: every process picks the same
+tile for the same shapes, so results are bitwise-equal across Dask workers and resumes. Feature widths
+that are not a multiple of 16 (Lite0: 40 + 112 = 152) are zero-padded to one (160) for the tile pass:
+distances are unchanged, and rows become 16-byte aligned, which lets the bank tiles be loaded with
+vector cp.async copies and pipelined (benchmarks/results/compile_sm90.json: 96 KB of pipelined shared
+memory at D = 160, 32 KB and scalar 2-byte loads at D = 152). `lowp_bank` makes that padded
+half-precision copy once per bank. Offsets are 64-bit: banks of more than 2^31 elements work.
+The Q x k lists live in registers, so k (with the exact mode's candidates) is at most MAX_K on the
+Triton path; a larger k runs the torch GEMM path on the same device, on CUDA and CPU alike. The CPU path for large banks is the exact index
 in kernels/knn_index.py; the torch reference below is the plain chunked GEMM.
 """
 
@@ -35,14 +46,16 @@ from __future__ import annotations
 import torch
 
 from kernels._checks import check_2d, use_triton
-from kernels._triton import jit_kernel, tl
+from kernels._triton import Launch, cdiv, run, tl
 from kernels.knn_stream import topk_streamed
 
 # Bank rows per chunk in the torch path: bounds the Q x chunk block held at once.
 TORCH_BANK_CHUNK = 16384
 PRECISIONS = ("exact", "fp32", "tf32", "bf16", "fp16")
-MAX_K = 64  # the running list lives in registers
+MAX_K = 64  # the running list lives in registers; a larger k takes the torch path
 MIN_SPLIT_ROWS = 1024  # bank rows per split at least (tests lower it to exercise the merge)
+DIM_ALIGN = 16  # feature widths are padded to a multiple of this for the tile pass
+H200_SMS = 132  # SM count assumed where no GPU is at hand (the compile check's launches)
 
 
 def _knn_tile_kernel(
@@ -63,6 +76,7 @@ def _knn_tile_kernel(
     best_d = tl.where(slots[None, :] < K, float("inf"), float("-inf")) + tl.zeros([BLOCK_Q, K_PAD], tl.float32)
     best_i = tl.zeros([BLOCK_Q, K_PAD], tl.int32) - 1
     tile_cols = tl.arange(0, BLOCK_M)
+    q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_q  # 64-bit: Q x D and M x D may pass 2^31
     for m0 in range(m_lo, m_hi, BLOCK_M):
         cols = m0 + tile_cols
         col_ok = cols < m_hi
@@ -70,8 +84,8 @@ def _knn_tile_kernel(
         for d0 in range(0, dim, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
             d_ok = dk < dim
-            a = tl.load(q_ptr + rows[:, None] * stride_q + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + cols[None, :] * stride_b + dk[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            a = tl.load(q_rows + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_b + dk[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             if PRECISION == "ieee" or PRECISION == "tf32":
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
             else:
@@ -97,7 +111,7 @@ def _knn_tile_kernel(
                 cand, pos = tl.min(d2, axis=1, return_indices=True)
                 better = cand < worst
                 rounds += 1
-    out = (split * n_q + rows)[:, None] * K + slots[None, :]
+    out = (split * n_q + rows.to(tl.int64))[:, None] * K + slots[None, :]
     keep = row_ok[:, None] & (slots[None, :] < K)
     tl.store(out_d_ptr + out, best_d, mask=keep)
     tl.store(out_i_ptr + out, best_i, mask=keep)
@@ -108,7 +122,7 @@ def _rerank_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """out[q, c] = sum_d (q[d] - bank[cand[q, c], d])^2 in fp32, summed directly (no expansion)."""
-    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rows = (tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     row_ok = rows < n_q
     for c in range(0, n_cand):
         idx = tl.load(cand_ptr + rows * n_cand + c, mask=row_ok, other=0).to(tl.int64)
@@ -123,34 +137,100 @@ def _rerank_kernel(
         tl.store(out_ptr + rows * n_cand + c, acc, mask=row_ok)
 
 
-# Hopper-sized tiles; the interpreter (CPU tests) gets the smallest that tl.dot accepts.
-KNN_CONFIGS = [
-    {"BLOCK_Q": bq, "BLOCK_M": bm, "BLOCK_D": bd, "num_warps": w, "num_stages": s}
-    for bq, bm, bd, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 32, 8, 3)]
-]
-INTERPRET_CONFIG = {"BLOCK_Q": 16, "BLOCK_M": 32, "BLOCK_D": 64}
+# Hopper tiles, chosen by `tile_config` from the shapes alone (no timing). Each compiles for sm_90 with
+# wgmma and no spills at D = 160 and 1,536 (benchmarks/results/compile_sm90.json).
+KNN_TILES = {
+    ("half", "lists<=32"): {"BLOCK_Q": 128, "BLOCK_M": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
+    ("half", "lists=64"): {"BLOCK_Q": 128, "BLOCK_M": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
+    ("tf32", "lists<=32"): {"BLOCK_Q": 128, "BLOCK_M": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
+    ("tf32", "lists=64"): {"BLOCK_Q": 128, "BLOCK_M": 64, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
+    # IEEE fp32 runs on the CUDA cores (no tensor cores for it): a smaller tile keeps it in registers.
+    ("fp32", "any"): {"BLOCK_Q": 32, "BLOCK_M": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3},
+}
+# The interpreter (CPU tests) gets the smallest tile that tl.dot accepts.
+INTERPRET_TILE = {"BLOCK_Q": 16, "BLOCK_M": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1}
+RERANK_TILE = {"BLOCK_Q": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 1}
+RERANK_INTERPRET_TILE = {"BLOCK_Q": 16, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1}
+MODES = {"fp32": "ieee", "tf32": "tf32"}  # tl.dot input_precision; anything else: half operands
+
+
+def list_slots(k: int) -> int:
+    """Register slots of a running list of k entries (a power of two, at least 2)."""
+    return max(2, 1 << (k - 1).bit_length())
+
+
+def tile_config(k: int, precision: str, interpreted: bool = False) -> dict:
+    """The tile of the tile pass for a list of k entries: a pure function of its arguments.
+
+    Nothing else enters (not the batch, not the bank, not the process's history): that is what keeps
+    scores bitwise-equal across workers. Longer lists take registers from the dot tile.
+    """
+    if interpreted:
+        return dict(INTERPRET_TILE)
+    if precision == "fp32":
+        return dict(KNN_TILES[("fp32", "any")])
+    lists = "lists<=32" if list_slots(k) <= 32 else "lists=64"
+    return dict(KNN_TILES[("tf32" if precision == "tf32" else "half", lists)])
+
+
+def padded_dim(dim: int) -> int:
+    return cdiv(dim, DIM_ALIGN) * DIM_ALIGN
+
+
+def pad_columns(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` as `dtype` with rows zero-padded to a multiple of DIM_ALIGN; unit column stride.
+
+    Returns `x` itself (a row-strided view is fine) when nothing needs to change."""
+    n, dim = x.shape
+    width = padded_dim(dim)
+    if width == dim and x.dtype == dtype and x.stride(1) == 1:
+        return x
+    out = x.new_zeros((n, width), dtype=dtype)
+    out[:, :dim] = x
+    return out
+
+
+def lowp_bank(bank: torch.Tensor, precision: str = "bf16") -> torch.Tensor:
+    """The bank in half precision, zero-padded for the tile pass: make it once per bank and pass it
+    to `topk(..., bank_lowp=)`."""
+    return pad_columns(bank, torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def tile_launch(
+    q: torch.Tensor, bank: torch.Tensor, norms: torch.Tensor, k: int, precision: str,
+    out_d: torch.Tensor, out_i: torch.Tensor, splits: int, interpreted: bool = False,
+) -> Launch:  # fmt: skip
+    """The tile pass over padded operands (q [Q, Dp], bank [M, Dp], same dtype)."""
+    n_q, dim = q.shape
+    n_bank = bank.shape[0]
+    tile = tile_config(k, precision, interpreted)
+    warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
+    return Launch(
+        _knn_tile_kernel, (cdiv(n_q, tile["BLOCK_Q"]), splits),
+        (q, bank, norms, out_d, out_i, n_q, n_bank, dim, cdiv(n_bank, splits), q.stride(0), bank.stride(0)),
+        dict(K=k, K_PAD=list_slots(k), PRECISION=MODES.get(precision, "lowp"), **tile), warps, stages,
+    )  # fmt: skip
+
+
+def bank_splits(n_q: int, n_bank: int, sms: int) -> int:
+    """Bank splits over a second grid axis, when the query blocks alone leave SMs idle."""
+    q_blocks = cdiv(n_q, 128)
+    return max(1, min(cdiv(2 * sms, q_blocks), cdiv(n_bank, MIN_SPLIT_ROWS)))
+
+
+def _sms(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else H200_SMS
 
 
 def _tile_pass(q: torch.Tensor, bank: torch.Tensor, norms: torch.Tensor, k: int, precision: str):
-    """Launch the tile kernel: (partial squared distance without ||q||^2 [Q, k], index [Q, k])."""
-    n_q, dim = q.shape
-    n_bank = bank.shape[0]
-    # Tuned per (K, precision); D is left out of the key so two feature widths share one tuning.
-    kernel, interpreted = jit_kernel(_knn_tile_kernel, KNN_CONFIGS, key=["K", "PRECISION"])
-    # Split the bank when the query blocks alone leave SMs idle (a few images against a big bank).
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    q_blocks = -(-n_q // 128)
-    splits = max(1, min(-(-2 * sms // q_blocks), -(-n_bank // MIN_SPLIT_ROWS)))
-    rows_per_split = -(-n_bank // splits)
+    """Run the tile kernel: (partial squared distance without ||q||^2 [Q, k], index [Q, k])."""
+    from kernels._triton import interpreting
+
+    n_q, n_bank = q.shape[0], bank.shape[0]
+    splits = bank_splits(n_q, n_bank, _sms(q))
     out_d = torch.empty((splits, n_q, k), dtype=torch.float32, device=q.device)
     out_i = torch.empty((splits, n_q, k), dtype=torch.int32, device=q.device)
-    mode = {"fp32": "ieee", "tf32": "tf32"}.get(precision, "lowp")
-    grid = lambda meta: (triton_cdiv(n_q, meta["BLOCK_Q"]), splits)  # noqa: E731
-    extra = INTERPRET_CONFIG if interpreted else {}
-    kernel[grid](
-        q, bank, norms, out_d, out_i, n_q, n_bank, dim, rows_per_split, q.stride(0), bank.stride(0),
-        K=k, K_PAD=max(2, 1 << (k - 1).bit_length()), PRECISION=mode, **extra,
-    )  # fmt: skip
+    run(tile_launch(q, bank, norms, k, precision, out_d, out_i, splits, interpreting()))
     # Lists come back unsorted (insertion replaces the maximum): sort, merging the splits.
     d = out_d.permute(1, 0, 2).reshape(n_q, splits * k)
     i = out_i.permute(1, 0, 2).reshape(n_q, splits * k)
@@ -158,17 +238,38 @@ def _tile_pass(q: torch.Tensor, bank: torch.Tensor, norms: torch.Tensor, k: int,
     return d, i.gather(1, pos).long()
 
 
-def _rerank(q: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, k: int):
-    kernel, interpreted = jit_kernel(_rerank_kernel, None)
+def rerank_launch(q: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, exact: torch.Tensor,
+                  interpreted: bool = False) -> Launch:  # fmt: skip
+    tile = dict(RERANK_INTERPRET_TILE if interpreted else RERANK_TILE)
+    warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
     n_q, n_cand = cand.shape
-    exact = torch.empty((n_q, n_cand), dtype=torch.float32, device=q.device)
-    block_q = 16 if interpreted else 64
+    return Launch(
+        _rerank_kernel, (cdiv(n_q, tile["BLOCK_Q"]),),
+        (q, bank, cand, exact, n_q, q.shape[1], n_cand, q.stride(0), bank.stride(0)), tile, warps, stages,
+    )  # fmt: skip
+
+
+def _rerank(q: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, k: int):
+    from kernels._triton import interpreting
+
+    exact = torch.empty(cand.shape, dtype=torch.float32, device=q.device)
     cand = cand.to(torch.int32).contiguous()
-    kernel[(triton_cdiv(n_q, block_q),)](
-        q, bank, cand, exact, n_q, q.shape[1], n_cand, q.stride(0), bank.stride(0), BLOCK_Q=block_q, BLOCK_D=64
-    )
+    run(rerank_launch(q, bank, cand, exact, interpreting()))
     d, pos = torch.topk(exact, k, dim=1, largest=False)
     return d.sqrt_(), cand.gather(1, pos).long()
+
+
+def candidates_kept(k: int, precision: str, candidates: int | None, n_bank: int) -> int:
+    """List length of the tile pass: k, or for the exact mode k plus spare candidates, at most MAX_K."""
+    if precision != "exact":
+        return k
+    return min(candidates or 2 * k + 8, max(MAX_K, k), n_bank)
+
+
+def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as `dtype` with unit column stride; a row-strided view is kept as it is (no copy)."""
+    t = t if t.dtype == dtype else t.to(dtype)
+    return t if t.stride(1) == 1 else t.contiguous()
 
 
 def topk_triton(
@@ -184,33 +285,34 @@ def topk_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel(s) on tensors on one device (CUDA, or CPU under TRITON_INTERPRET=1).
 
-    candidate_precision: operands of the exact mode's first pass, "bf16" or "fp16" (the CPU
-    interpreter mishandles bf16 in tl.dot, so interpreter tests of the exact mode use fp16).
+    k <= MAX_K. candidate_precision: operands of the exact mode's first pass, "bf16" or "fp16" (the
+    CPU interpreter mishandles bf16 in tl.dot, so interpreter tests of the exact mode use fp16).
+    bank_lowp: `lowp_bank(bank)`, the padded half-precision copy made once.
     """
     _check(queries, bank, k)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    n_keep = min(candidates or 2 * k + 8, bank.shape[0]) if precision == "exact" else k
-    if n_keep > MAX_K:
-        raise ValueError(f"k (with exact-mode candidates) must be at most {MAX_K}, got {n_keep}")
+    if k > MAX_K:
+        raise ValueError(f"k must be at most {MAX_K} on the Triton path (topk() takes the torch path above it), got {k}")
+    n_keep = candidates_kept(k, precision, candidates, bank.shape[0])
     norms = (sq_norms(bank) if bank_sq_norms is None else bank_sq_norms).float().contiguous()
-    if precision in ("fp32", "tf32"):
-        q, b = queries.float().contiguous(), bank.float().contiguous()
+    if precision in MODES:
+        q, b = pad_columns(queries, torch.float32), pad_columns(bank, torch.float32)
     else:
         lowp = candidate_precision if precision == "exact" else precision
         half = torch.float16 if lowp == "fp16" else torch.bfloat16
-        q = queries.to(half).contiguous()
-        b = bank_lowp if bank_lowp is not None and bank_lowp.dtype == half else bank.to(half)
-        b = b.contiguous()
+        q = pad_columns(queries, half)
+        usable = bank_lowp is not None and bank_lowp.dtype == half and bank_lowp.shape == (bank.shape[0], q.shape[1])
+        b = bank_lowp if usable else pad_columns(bank, half)
     d, i = _tile_pass(q, b, norms, n_keep, precision)
     if precision == "exact":
-        return _rerank(queries.float().contiguous(), bank.float().contiguous(), i, k)
+        return _rerank(_rows(queries, torch.float32), _rows(bank, torch.float32), i, k)
     d = d + queries.float().pow(2).sum(1, keepdim=True)
     return d.clamp_min_(0).sqrt_(), i
 
 
 def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return cdiv(a, b)
 
 
 def _check(queries: torch.Tensor, bank: torch.Tensor, k: int) -> None:
@@ -232,14 +334,15 @@ def sq_norms(bank: torch.Tensor) -> torch.Tensor:
 def topk_torch(
     queries: torch.Tensor, bank: torch.Tensor, k: int, bank_sq_norms: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch: chunked GEMM + topk, merged across chunks."""
+    """Plain torch: chunked GEMM + topk, merged across chunks, on the queries' device (a bank held
+    elsewhere, e.g. in host memory, is moved a chunk at a time)."""
     _check(queries, bank, k)
     q = queries.float()
     q_norms = q.pow(2).sum(dim=1, keepdim=True)
-    norms = sq_norms(bank) if bank_sq_norms is None else bank_sq_norms.float()
+    norms = (sq_norms(bank) if bank_sq_norms is None else bank_sq_norms.float()).to(q.device)
     best_d = best_i = None
     for start in range(0, bank.shape[0], TORCH_BANK_CHUNK):
-        chunk = bank[start : start + TORCH_BANK_CHUNK].float()
+        chunk = bank[start : start + TORCH_BANK_CHUNK].to(q.device).float()
         d2 = torch.addmm(q_norms + norms[start : start + chunk.shape[0]], q, chunk.T, alpha=-2.0)
         kk = min(k, chunk.shape[0])
         d, i = torch.topk(d2, kk, dim=1, largest=False)
@@ -265,8 +368,11 @@ def topk(
     """k nearest bank rows of each query: (distances ascending float32, indices int64).
 
     Triton when asked or when queries are on CUDA (auto); a CPU bank with CUDA queries is streamed.
-    `precision` and `bank_lowp` (a bf16/fp16 copy of the bank made once) apply to Triton only.
+    `precision` and `bank_lowp` (`lowp_bank(bank)`, made once) apply to Triton only. k > MAX_K runs
+    the torch path on the queries' device, so every k that works on a CPU works on CUDA.
     """
+    if k > MAX_K:
+        return topk_torch(queries, bank, k, bank_sq_norms)
     if use_triton(backend, queries):
         if queries.is_cuda and not bank.is_cuda:
             _check(queries, bank, k)

@@ -6,7 +6,8 @@
 fused kernel), so this module knows nothing of kernels and kernels.knn imports it, not the reverse.
 
 The bank is cut into chunks of `chunk_rows`; each chunk is copied into one of two pinned host
-buffers, sent to the GPU on a copy stream, and searched by the fused kernel on the compute stream
+buffers (skipped when the bank is itself in pinned memory: its slices are sent as they are), sent to
+the GPU on a copy stream, and searched by the fused kernel on the compute stream
 while the next chunk is copied; the chunks' (distance, index) lists are merged with one top-k.
 GPU memory held: two chunks plus Q x k per chunk. Bank norms, when given, are sliced per chunk.
 """
@@ -37,7 +38,10 @@ def topk_streamed(
     device = queries.device
     n_bank, dim = bank.shape
     chunk_rows = max(chunk_rows, k)
-    host = [torch.empty((chunk_rows, dim), dtype=bank.dtype, pin_memory=True) for _ in range(2)]
+    # A pinned, row-contiguous bank is sent straight from its own memory: no staging copy on the CPU.
+    direct = bank.is_pinned() and bank.stride(1) == 1 and bank.stride(0) == dim
+    staging = 0 if direct else 2
+    host = [torch.empty((chunk_rows, dim), dtype=bank.dtype, pin_memory=True) for _ in range(staging)]
     dev = [torch.empty((chunk_rows, dim), dtype=bank.dtype, device=device) for _ in range(2)]
     copied = [torch.cuda.Event() for _ in range(2)]
     used = [torch.cuda.Event() for _ in range(2)]
@@ -52,12 +56,17 @@ def topk_streamed(
         slot = j % 2
         lo, hi = starts[j], (starts[j + 1] if j + 1 < len(starts) else n_bank)
         if hi - lo > chunk_rows:  # the merged tail chunk
-            host[slot] = torch.empty((hi - lo, dim), dtype=bank.dtype, pin_memory=True)
             dev[slot] = torch.empty((hi - lo, dim), dtype=bank.dtype, device=device)
-        host[slot][: hi - lo].copy_(bank[lo:hi])  # pageable -> pinned on the CPU
+            if not direct:
+                host[slot] = torch.empty((hi - lo, dim), dtype=bank.dtype, pin_memory=True)
+        if direct:
+            src = bank[lo:hi]
+        else:
+            src = host[slot][: hi - lo]
+            src.copy_(bank[lo:hi])  # pageable -> pinned on the CPU
         with torch.cuda.stream(copy_stream):
             copy_stream.wait_event(used[slot])  # the kernel that read this buffer is done
-            dev[slot][: hi - lo].copy_(host[slot][: hi - lo], non_blocking=True)
+            dev[slot][: hi - lo].copy_(src, non_blocking=True)
             copied[slot].record(copy_stream)
 
     results_d, results_i = [], []
@@ -66,7 +75,7 @@ def topk_streamed(
         slot = j % 2
         hi = starts[j + 1] if j + 1 < len(starts) else n_bank
         if j + 1 < len(starts):
-            if j >= 1:
+            if j >= 1 and not direct:
                 copied[(j + 1) % 2].synchronize()  # chunk j-1 left the pinned buffer: reuse it
             send(j + 1)
         compute.wait_event(copied[slot])

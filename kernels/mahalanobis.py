@@ -16,6 +16,12 @@ slab's squares into d2, so neither diff nor diff @ L is written out. L_p is read
 images, so large batches amortise it. Without a factor the kernel multiplies by the precision
 itself and takes sum(diff * (diff @ precision)) with 3xTF32 operands (fp32-grade products: that
 sum cancels, a sum of squares does not). Accuracy against float64: tests and device benchmark.
+
+TF32 operands are rounded to nearest (ties away, as cvt.rna.tf32.f32) in the kernel before the dot:
+the tensor cores themselves truncate fp32 to TF32, and truncation biases every product low (~7e-4
+relative on the distance at D = 100..550); rounded operands leave an unbiased error that averages
+out over D. Tiles are a pure function of the shapes (`tile_config`), never autotuned, so every
+process computes the same sums in the same order (bitwise-equal results across Dask workers).
 """
 
 from __future__ import annotations
@@ -23,9 +29,21 @@ from __future__ import annotations
 import torch
 
 from kernels._checks import use_triton
-from kernels._triton import jit_kernel, tl
+from kernels._triton import Launch, cdiv, device_function, interpreting, run, tl
 
 PRECISIONS = ("tf32", "fp32", "tf32x3")
+FACTOR_POSITIONS = 256  # positions per float64 Cholesky block in precision_factor
+
+
+@device_function
+def _round_tf32(x):
+    """fp32 -> the nearest TF32 value (10 mantissa bits, ties away from zero), kept as fp32 bits.
+
+    Integer arithmetic on the bit pattern, so the CPU interpreter runs it too: adding half of the
+    13 dropped bits' unit and clearing them rounds the magnitude to nearest (sign bit untouched)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x1000) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
 
 
 def _mahalanobis_kernel(
@@ -57,6 +75,9 @@ def _mahalanobis_kernel(
             diff = tl.where(ok, tl.load(x_row + kk[None, :], mask=ok, other=0.0) - mu[None, :], 0.0)
             w_ok = k_ok[:, None] & c_ok[None, :]
             w = tl.load(w_pos + kk[:, None] * stride_wr + cols[None, :], mask=w_ok, other=0.0)
+            if PRECISION == "tf32":
+                diff = _round_tf32(diff)
+                w = _round_tf32(w)
             acc = tl.dot(diff, w, acc, input_precision=PRECISION)
         if TRIANGULAR:
             d2 += tl.sum(acc * acc, axis=1)
@@ -68,22 +89,54 @@ def _mahalanobis_kernel(
     tl.store(out_ptr + b * n_pos + p, d2, mask=b_ok)
 
 
-MAHALANOBIS_CONFIGS = [
-    {"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
-    for bb, bn, bk, w, s in [
-        (64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 3),
-        (128, 128, 32, 8, 3), (32, 64, 64, 4, 3), (128, 64, 64, 8, 2),
-    ]
-]  # fmt: skip
-INTERPRET_CONFIG = {"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+# Tiles chosen by `tile_config` from the mode alone; each compiles for sm_90 with wgmma and no spills
+# at D = 176 and 550 (benchmarks/results/compile_sm90.json).
+MAHALANOBIS_TILES = {
+    "factor": {"BLOCK_B": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+    # 3xTF32 and the full matrix hold more per column: narrower slabs (64 x 64 spilled 372 B at D = 550)
+    "narrow": {"BLOCK_B": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+    # IEEE fp32 on the CUDA cores, factor: more warps for the same slab
+    "fp32 factor": {"BLOCK_B": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+}
+INTERPRET_TILE = {"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+
+
+def tile_config(triangular: bool, mode: str, interpreted: bool = False) -> dict:
+    """The tile for a launch: a pure function of its arguments (never of timings or history)."""
+    if interpreted:
+        return dict(INTERPRET_TILE)
+    if triangular and mode == "tf32":
+        return dict(MAHALANOBIS_TILES["factor"])
+    if triangular and mode == "fp32":
+        return dict(MAHALANOBIS_TILES["fp32 factor"])
+    return dict(MAHALANOBIS_TILES["narrow"])
 
 
 def precision_factor(precision: torch.Tensor) -> torch.Tensor:
     """L[P, D, D] lower-triangular with precision[p] = L[p] L[p]^T (float64 Cholesky, float32 out).
 
     Make it once per model (it costs P * D^3 / 3) and pass it to `mahalanobis(..., factor=L)`.
+    Factored FACTOR_POSITIONS positions at a time: the float64 copy stays small (WRN50: 4,096 x 550^2).
     """
-    return torch.linalg.cholesky(precision.double()).float().contiguous()
+    out = torch.empty(precision.shape, dtype=torch.float32, device=precision.device)
+    for lo in range(0, precision.shape[0], FACTOR_POSITIONS):
+        out[lo : lo + FACTOR_POSITIONS] = torch.linalg.cholesky(precision[lo : lo + FACTOR_POSITIONS].double())
+    return out
+
+
+def mahalanobis_launch(
+    x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor, out: torch.Tensor, triangular: bool, mode: str,
+    interpreted: bool = False,
+) -> Launch:  # fmt: skip
+    """The launch over prepared operands: x [B, P, D] (unit last stride), mean [P, D], w [P, D, D]."""
+    n_batch, n_pos, dim = x.shape
+    tile = tile_config(triangular, mode, interpreted)
+    warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
+    return Launch(
+        _mahalanobis_kernel, (n_pos, cdiv(n_batch, tile["BLOCK_B"])),
+        (x, mean, w, out, n_batch, n_pos, dim, x.stride(0), x.stride(1), mean.stride(0), w.stride(0), w.stride(1)),
+        dict(TRIANGULAR=triangular, PRECISION="ieee" if mode == "fp32" else mode, **tile), warps, stages,
+    )  # fmt: skip
 
 
 def mahalanobis_triton(
@@ -96,19 +149,12 @@ def mahalanobis_triton(
     mode = mode or ("tf32" if triangular else "tf32x3")
     if mode not in PRECISIONS:
         raise ValueError(f"mode must be one of {PRECISIONS}, got {mode!r}")
-    kernel, interpreted = jit_kernel(_mahalanobis_kernel, MAHALANOBIS_CONFIGS, key=["dim", "TRIANGULAR", "PRECISION"])
     xf = x.float()
     xf = xf if xf.stride(2) == 1 else xf.contiguous()
     mf = mean.float().contiguous()
     w = (factor if triangular else precision).float().contiguous()
-    n_batch, n_pos, dim = xf.shape
-    out = torch.empty((n_batch, n_pos), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (n_pos, -(-n_batch // meta["BLOCK_B"]))  # noqa: E731
-    extra = INTERPRET_CONFIG if interpreted else {}
-    kernel[grid](
-        xf, mf, w, out, n_batch, n_pos, dim, xf.stride(0), xf.stride(1), mf.stride(0), w.stride(0), w.stride(1),
-        TRIANGULAR=triangular, PRECISION="ieee" if mode == "fp32" else mode, **extra,
-    )  # fmt: skip
+    out = torch.empty(xf.shape[:2], dtype=torch.float32, device=x.device)
+    run(mahalanobis_launch(xf, mf, w, out, triangular, mode, interpreting()))
     return out.clamp_min_(0).sqrt_()
 
 

@@ -160,7 +160,7 @@ def scan_piece(
     """The task: scan a shard (or, when `whole` is False, a piece of one) into OUT_DIR."""
     from distributed import get_worker
 
-    from engine.inputs.decoders import make_decoder
+    from engine.inputs.decoders import reused_decoder
 
     shard = packed.unpack()
     store = ScanStore.open(Path(out_dir))
@@ -173,9 +173,11 @@ def scan_piece(
         )
     target = store if whole else RowsCollector(store)
     counts: list[ShardCounts] = []
+    # This worker thread's decoder, kept across tasks: a DALI pipeline is built once, not per task.
+    decoder = reused_decoder(options.decoder, model.device, options.batch_size, options.decode_threads)
     times = run_shards(
-        model, [shard], target, options, on_batch=_Reporter(topic, key), on_shard_done=lambda _s, c: counts.append(c)
+        model, [shard], target, options, on_batch=_Reporter(topic, key), on_shard_done=lambda _s, c: counts.append(c),
+        decoder=decoder,
     )
-    decoder = make_decoder(options.decoder, model.device, options.batch_size, options.decode_threads).name
     rows = None if whole else target.rows
-    return PieceResult(len(shard.records), counts[0], times, decoder, rows, get_worker().address)
+    return PieceResult(len(shard.records), counts[0], times, decoder.name, rows, get_worker().address)

@@ -5,11 +5,19 @@ or "mixed" on CUDA), else torchvision's nvjpeg on CUDA, else Pillow. Files a dec
 or modes outside its list, or a batch it fails on) are decoded by Pillow, which has the last word: its
 error becomes the row's message. Files were already checked by engine.inputs.inspection.inspect_bytes, so the
 verdict on a broken file does not depend on the decoder.
+
+EXIF orientation is applied by every decoder. torchvision's CUDA decode_jpeg ignores it (its docs: CPU
+only), so the nvjpeg decoder reads the orientation tag from the JPEG's bytes (`exif_orientation`) and
+turns the decoded pixels on the GPU (`apply_orientation`, Pillow's exif_transpose for all 8 values).
+`reused_decoder` keeps one decoder per thread, so a Dask worker builds its DALI pipeline once, not per task.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import struct
+import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -117,34 +125,109 @@ class DaliDecoder:
         return [r if r is not None else _pillow(items[i][0], self.device) for i, r in enumerate(results)]
 
 
+ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) of a JPEG's bytes; 1 where there is none or it cannot be read.
+
+    Reads the APP1 "Exif" segment's first IFD (TIFF header, either byte order) without decoding anything;
+    a malformed segment counts as no orientation, as Pillow's exif_transpose treats it."""
+    pos, size = 2, len(data)
+    while pos + 4 <= size and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no metadata after this
+            return 1
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+        (count,) = struct.unpack_from(order + "H", tiff, ifd)
+        for entry in range(count):
+            tag, kind, _n, value = struct.unpack_from(order + "HHI4s", tiff, ifd + 2 + 12 * entry)
+            if tag == ORIENTATION_TAG:
+                if kind != 3:  # SHORT
+                    return 1
+                (orientation,) = struct.unpack_from(order + "H", value)
+                return orientation if 1 <= orientation <= 8 else 1
+    except struct.error:
+        return 1
+    return 1
+
+
+def apply_orientation(hwc: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Pixels (H, W, C) as they are stored -> as EXIF `orientation` says they are displayed, on any
+    device (Pillow's ImageOps.exif_transpose)."""
+    if orientation == 2:
+        return hwc.flip(1)
+    if orientation == 3:
+        return hwc.flip(0).flip(1)
+    if orientation == 4:
+        return hwc.flip(0)
+    if orientation == 5:
+        return hwc.transpose(0, 1)
+    if orientation == 6:
+        return torch.rot90(hwc, -1, (0, 1))
+    if orientation == 7:
+        return hwc.flip(0).flip(1).transpose(0, 1)
+    if orientation == 8:
+        return torch.rot90(hwc, 1, (0, 1))
+    return hwc
+
+
+JpegBatchDecoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # 1-D uint8 streams -> (3, H, W) as stored
+
+
 class NvjpegDecoder:
-    """torchvision.io.decode_jpeg on CUDA (nvjpeg) for JPEGs; everything else through Pillow."""
+    """torchvision.io.decode_jpeg on CUDA (nvjpeg), one batched call per batch, for JPEGs; EXIF
+    orientation applied on the GPU; everything else through Pillow.
+
+    `decode_jpeg` replaces the nvjpeg call (a seam: tests pass a CPU decoder that ignores EXIF as
+    nvjpeg does, and check the pixels against Pillow's)."""
 
     name = "nvjpeg"
     modes = frozenset({"RGB", "L"})
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, decode_jpeg: JpegBatchDecoder | None = None):
+        self.device = device
+        if decode_jpeg is not None:
+            self._decode = decode_jpeg
+            return
         if device.type != "cuda":
             raise ConfigError("--decoder nvjpeg decodes on a GPU; use --device cuda, or --decoder pillow|dali on a CPU")
         try:
-            from torchvision.io import ImageReadMode, decode_jpeg
+            from torchvision.io import ImageReadMode
+            from torchvision.io import decode_jpeg as tv_decode
         except ImportError as exc:
             raise ConfigError(
                 "--decoder nvjpeg needs torchvision built for this torch (pip install torchvision); "
                 "or use --decoder dali|pillow"
             ) from exc
-        self.device = device
-        self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
+        # apply_exif_orientation=False: on CUDA it is ignored today; saying so keeps one rotation (ours)
+        # should a later torchvision start to apply it.
+        self._decode = lambda blobs: tv_decode(
+            blobs, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False
+        )
 
     def decode(self, items: list[Item]) -> list[Result]:
         results: list[Result | None] = [None] * len(items)
         mine = [i for i, (_, info) in enumerate(items) if info.format == "JPEG" and info.mode in self.modes]
         if mine:
-            blobs = [torch.from_numpy(np.frombuffer(items[i][0], dtype=np.uint8).copy()) for i in mine]
+            blobs = [torch.frombuffer(bytearray(items[i][0]), dtype=torch.uint8) for i in mine]
             try:
-                decoded = self._decode_jpeg(blobs, mode=self._rgb, device=self.device, apply_exif_orientation=True)
+                decoded = self._decode(blobs)
                 for i, chw in zip(mine, decoded, strict=True):
-                    results[i] = chw.permute(1, 2, 0).contiguous()
+                    hwc = apply_orientation(chw.permute(1, 2, 0), exif_orientation(items[i][0]))
+                    results[i] = hwc.contiguous()
             except RuntimeError:
                 pass  # one bad stream fails the batch; Pillow decides these files
         return [r if r is not None else _pillow(items[i][0], self.device) for i, r in enumerate(results)]
@@ -172,6 +255,19 @@ def check_decoder(name: str, device: str) -> None:
                 "--decoder nvjpeg needs torchvision built for this torch (pip install torchvision); "
                 "or use --decoder dali|pillow"
             )
+
+
+_per_thread = threading.local()
+
+
+def reused_decoder(name: str, device: torch.device, batch_size: int = 32, threads: int = 1) -> Decoder:
+    """`make_decoder`'s decoder, made once per thread and kept: each Dask task of a worker thread reuses
+    the decoder (and its built DALI pipeline, which is not thread-safe) of the task before it."""
+    cache: dict = _per_thread.__dict__.setdefault("decoders", {})
+    key = (name, str(device), batch_size, threads)
+    if key not in cache:
+        cache[key] = make_decoder(name, device, batch_size, threads)
+    return cache[key]
 
 
 def make_decoder(name: str, device: torch.device, batch_size: int = 32, threads: int = 1) -> Decoder:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.inputs.decoders import make_decoder
+from engine.inputs.decoders import Decoder, make_decoder
 from engine.inputs.sources import Record, Shard
 from engine.scan.batches import LoadedBatch, ScoredBatch, StageTimes, TileChunk
 from engine.scan.loader import load_batch, load_tiled_batches, tile_chunks_of
@@ -167,11 +167,14 @@ def run_shards(
     options: ScanOptions,
     on_batch: Callable[[int], None] | None = None,
     on_shard_done: Callable[[Shard, ShardCounts], None] | None = None,
+    decoder: Decoder | None = None,
 ) -> StageTimes:
-    """Scan `shards` into `store` with decode, model and writes overlapped; returns time per stage."""
+    """Scan `shards` into `store` with decode, model and writes overlapped; returns time per stage.
+
+    decoder: one to reuse (a Dask worker keeps its DALI pipeline across tasks); default: a new one."""
     times = StageTimes()
     started = time.perf_counter()
-    decoder = make_decoder(options.decoder, model.device, options.batch_size, options.decode_threads)
+    decoder = decoder or make_decoder(options.decoder, model.device, options.batch_size, options.decode_threads)
     size = model.input_size
     model_batch = resolve_model_batch(options, model.device.type)
     stop = threading.Event()
@@ -180,26 +183,51 @@ def run_shards(
     writer = ShardWriter(store, on_shard_done)
 
     tiles = model.tile_spec
+    on_cuda = model.device.type == "cuda"
 
-    def load_all() -> None:
-        torch.set_num_threads(1)  # this thread's resizes only: the model owns the cores
+    def load_tiled() -> bool:
         for shard, records, last in _batches(shards, options.batch_size):
-            if tiles is None:
-                if not _put(loaded_q, load_batch(shard, records, decoder, size, options.max_pixels, last), stop):
-                    return
-                continue
             for batch in load_tiled_batches(shard, records, decoder, options.max_pixels, last, tiles):
                 # the batch, then its tiles: one group of decoded images and a few chunks in memory
                 if not _put(loaded_q, batch, stop):
-                    return
+                    return False
                 for chunk in tile_chunks_of(batch, model_batch):
                     if not _put(loaded_q, chunk, stop):
-                        return
+                        return False
+        return True
+
+    def load_all() -> None:
+        torch.set_num_threads(1)  # this thread's resizes only: the model owns the cores
+        if tiles is not None:
+            if not load_tiled():
+                return
+            _put(loaded_q, _DONE, stop)
+            return
+        if on_cuda:  # several loader workers, pinned copies (engine/scan/cuda_feed.py)
+            loaded: Iterable[LoadedBatch] = cuda_feed.load_batches(
+                _batches(shards, options.batch_size), cuda_decoder, size, options.max_pixels, model.device, workers, stop
+            )
+        else:
+            loaded = (load_batch(shard, records, decoder, size, options.max_pixels, last)
+                      for shard, records, last in _batches(shards, options.batch_size))  # fmt: skip
+        for batch in loaded:
+            if not _put(loaded_q, batch, stop):
+                return
         _put(loaded_q, _DONE, stop)
 
     def write_all() -> None:
         while (item := scored_q.get()) is not _DONE:
             writer.write(item)
+
+    if on_cuda:
+        from engine.scan import cuda_feed
+
+        workers = cuda_feed.feed_workers(options.feed_workers)
+        threads = cuda_feed.decoder_threads(workers, options.decode_threads)
+        first = [decoder]  # the caller's (or the one made above) goes to the first worker
+
+        def cuda_decoder() -> Decoder:
+            return first.pop() if first else make_decoder(options.decoder, model.device, options.batch_size, threads)
 
     loader, writer_thread = _Worker("vade-loader", load_all), _Worker("vade-writer", write_all)
     loader.start()
@@ -210,8 +238,12 @@ def run_shards(
         if on_batch:
             on_batch(len(scored.loaded.records))
 
-    stage = ModelStage(model, model_batch, times, tiles=tiles is not None)
-    gather = _MicroBatcher(stage, times, emit) if tiles is None else TileBatcher(stage, times, emit)
+    if tiles is not None:  # the tiled path on any device (the CUDA feed's stage scores whole images)
+        stage = ModelStage(model, model_batch, times, tiles=True)
+        gather: _MicroBatcher | TileBatcher = TileBatcher(stage, times, emit)
+    else:
+        stage = cuda_feed.CudaModelStage(model, model_batch, times) if on_cuda else ModelStage(model, model_batch, times)
+        gather = _MicroBatcher(stage, times, emit)
     try:
         while True:
             try:

@@ -26,9 +26,11 @@ class ScanOptions:
     prefetch_batches: int = 2  # decoded batches waiting for the model
     write_queue: int = 4  # scored batches waiting for the writer
     decode_threads: int = 1  # DALI worker threads; keep light on small CPUs (torch uses the cores)
+    feed_workers: int = 0  # CUDA only: loader threads, batches decoded at once (0 = min(8, cores))
 
     def validate(self) -> None:
-        checks = (("batch_size", 1), ("shard_size", 1), ("max_pixels", 1), ("decode_threads", 1), ("model_batch", 0))
+        checks = (("batch_size", 1), ("shard_size", 1), ("max_pixels", 1), ("decode_threads", 1), ("model_batch", 0),
+                  ("feed_workers", 0))
         for name, low in checks:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
