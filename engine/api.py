@@ -18,6 +18,7 @@ from engine.calibration import calibrate
 from engine.config import FitConfig
 from engine.errors import DataError, DecodeError, WeightsError
 from engine.inputs.decode import read_rgb, to_tensor
+from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 from engine.models.base import AnomalyModel, resolve_device
 from engine.models.registry import MODELS
 from engine.models.registry import load_model as load
@@ -41,13 +42,20 @@ def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[li
 
 
 def iter_image_batches(
-    paths: Sequence[Path], size: int, batch_size: int, skipped: list[tuple[str, str]]
+    paths: Sequence[Path],
+    size: int,
+    batch_size: int,
+    skipped: list[tuple[str, str]],
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
 ) -> Iterator[torch.Tensor]:
-    """Decoded, resized batches; unreadable files are appended to `skipped` as (path, reason)."""
+    """Decoded, resized batches; unreadable files are appended to `skipped` as (path, reason).
+
+    The reading path of fit and calibration: regular files only, each read within `read_timeout`
+    seconds (engine.inputs.reader), so a FIFO or a hung mount is a skipped file, never a hang."""
     batch: list[np.ndarray] = []
     for path in paths:
         try:
-            batch.append(read_rgb(path))
+            batch.append(read_rgb(path, read_timeout=read_timeout))
         except DecodeError as exc:
             skipped.append((str(path), str(exc)))
             continue
@@ -58,8 +66,11 @@ def iter_image_batches(
         yield to_tensor(batch, size)
 
 
-def _raw_scores(model: AnomalyModel, paths: Sequence[Path], skipped: list[tuple[str, str]]) -> np.ndarray:
-    scores = [model.score(b).scores.cpu() for b in iter_image_batches(paths, model.input_size, model.cfg.batch_size, skipped)]
+def _raw_scores(
+    model: AnomalyModel, paths: Sequence[Path], skipped: list[tuple[str, str]], read_timeout: float
+) -> np.ndarray:
+    batches = iter_image_batches(paths, model.input_size, model.cfg.batch_size, skipped, read_timeout)
+    scores = [model.score(b).scores.cpu() for b in batches]
     return torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)
 
 
@@ -74,8 +85,15 @@ def _finite(feature_maps: list[torch.Tensor], cfg: FitConfig) -> list[torch.Tens
     return feature_maps
 
 
-def fit(images: Sequence[str | Path], cfg: FitConfig | None = None, progress: Progress | None = None) -> AnomalyModel:
-    """Fit a model on normal images and calibrate its threshold on a seeded hold-out of them."""
+def fit(
+    images: Sequence[str | Path],
+    cfg: FitConfig | None = None,
+    progress: Progress | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+) -> AnomalyModel:
+    """Fit a model on normal images and calibrate its threshold on a seeded hold-out of them.
+
+    An image that cannot be read (or not within `read_timeout` seconds) is skipped and listed in fit_stats."""
     say = progress or (lambda msg: None)
     cfg = (cfg or FitConfig()).resolved()
     torch.manual_seed(cfg.seed)
@@ -88,12 +106,12 @@ def fit(images: Sequence[str | Path], cfg: FitConfig | None = None, progress: Pr
         f"{len(holdout)} held out for the threshold")
     skipped: list[tuple[str, str]] = []
     t0 = time.perf_counter()
-    images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped)
+    images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped, read_timeout)
     batches = (_finite(model.features(b), cfg) for b in images_in)
     model.fit_features(batches, len(train))
     t1 = time.perf_counter()
     source = "holdout" if holdout else "train"
-    normal = _raw_scores(model, holdout or train, skipped)
+    normal = _raw_scores(model, holdout or train, skipped, read_timeout)
     if normal.size == 0:
         raise DataError("no readable normal image left to calibrate the threshold")
     model.calibration = calibrate(normal, cfg.target_false_alarm_rate, source)

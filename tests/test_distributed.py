@@ -132,19 +132,19 @@ class PoisonDecoder(WorkerPlugin):
     def setup(self, worker) -> None:
         import engine.scan.loader as scan_loader
 
-        self.original = scan_loader.read_bytes
+        self.original = scan_loader.read_files
 
-        def read_bytes(path, *args, **kwargs):
-            if POISON_MARK in Path(path).name:
+        def read_files(paths, *args, **kwargs):
+            if any(p is not None and POISON_MARK in Path(p).name for p in paths):
                 os._exit(70)
-            return self.original(path, *args, **kwargs)
+            return self.original(paths, *args, **kwargs)
 
-        scan_loader.read_bytes = read_bytes
+        scan_loader.read_files = read_files
 
     def teardown(self, worker) -> None:
         import engine.scan.loader as scan_loader
 
-        scan_loader.read_bytes = self.original
+        scan_loader.read_files = self.original
 
 
 def test_a_poison_input_becomes_one_error_row_and_the_scan_completes(

@@ -8,6 +8,7 @@ the mask reading.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from engine.errors import DataError, DecodeError
 from engine.evaluation import metrics
 from engine.inputs.datasets import TestItem, test_items
 from engine.inputs.decode import read_rgb, to_tensor
+from engine.inputs.inspection import read_bytes
+from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
 
@@ -34,21 +37,22 @@ class ScoringModel(Protocol):
     def score(self, images: torch.Tensor) -> Any: ...  # ScoreOutput(scores[B], maps[B, S, S])
 
 
-def _read_mask(item: TestItem, size: int) -> np.ndarray:
+def _read_mask(item: TestItem, size: int, read_timeout: float = DEFAULT_READ_TIMEOUT_S) -> np.ndarray:
     """The item's mask resized (nearest) to size x size, as its image is; refused unless the mask
-    has its image's size (either orientation: EXIF rotation may transpose the image)."""
+    has its image's size (either orientation: EXIF rotation may transpose the image). Files are read
+    as every image is (regular files only, within read_timeout: engine.inputs.reader)."""
     if item.mask is None:
         return np.zeros((size, size), dtype=bool)
     try:
-        with Image.open(item.mask) as img:
+        with Image.open(io.BytesIO(read_bytes(item.mask, read_timeout))) as img:
             mask_size = img.size
             mask = img.convert("L").resize((size, size), Image.Resampling.NEAREST)
-    except OSError as exc:
+    except (OSError, DecodeError) as exc:
         raise DataError(f"cannot read ground-truth mask {item.mask}: {exc}") from exc
     try:
-        with Image.open(item.path) as img:
+        with Image.open(io.BytesIO(read_bytes(item.path, read_timeout))) as img:
             image_size = img.size
-    except OSError:
+    except (OSError, DecodeError):
         return np.asarray(mask) > 0  # an unreadable image is reported when it is decoded
     if mask_size not in (image_size, image_size[::-1]):
         raise DataError(
@@ -58,15 +62,20 @@ def _read_mask(item: TestItem, size: int) -> np.ndarray:
     return np.asarray(mask) > 0
 
 
-def _decode(item: TestItem) -> np.ndarray:
+def _decode(item: TestItem, read_timeout: float) -> np.ndarray:
     try:
-        return read_rgb(item.path)
+        return read_rgb(item.path, read_timeout=read_timeout)
     except DecodeError as exc:
         raise DecodeError(f"test image {item.path}: {exc}; remove or replace it to evaluate") from exc
 
 
 def score_items(
-    model: ScoringModel, items: Sequence[TestItem], *, batch_size: int = 16, progress: Progress | None = None
+    model: ScoringModel,
+    items: Sequence[TestItem],
+    *,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(image scores [N] float32, maps [N, S, S] float32, seconds spent decoding and scoring)."""
     size = int(model.input_size)
@@ -76,7 +85,7 @@ def score_items(
     started = time.perf_counter()
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        images = to_tensor([_decode(item) for item in batch], size).to(device)
+        images = to_tensor([_decode(item, read_timeout) for item in batch], size).to(device)
         with torch.inference_mode():
             out = model.score(images)
         batch_maps = out.maps.detach().float().cpu().numpy()
@@ -110,6 +119,7 @@ def evaluate(
     *,
     batch_size: int = 16,
     progress: Progress | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Metrics of `model` on ROOT[/CATEGORY]/test, as a JSON-able dict.
 
@@ -120,8 +130,8 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     items = test_items(Path(root), category)
-    masks = np.stack([_read_mask(item, int(model.input_size)) for item in items])  # checked before scoring
-    scores, maps, seconds = score_items(model, items, batch_size=batch_size, progress=progress)
+    masks = np.stack([_read_mask(item, int(model.input_size), read_timeout) for item in items])  # checked first
+    scores, maps, seconds = score_items(model, items, batch_size=batch_size, progress=progress, read_timeout=read_timeout)
     labels = np.array([item.label for item in items], dtype=np.int64)
     defects = np.array([item.defect for item in items])
 

@@ -15,7 +15,9 @@ import torch
 from engine.errors import DecodeError
 from engine.inputs.decode import resize_batch
 from engine.inputs.decoders import Decoder
-from engine.inputs.inspection import ImageInfo, inspect_bytes, read_bytes
+from engine.inputs.inspection import ImageInfo, inspect_bytes
+from engine.inputs.reader import max_file_bytes, read_files
+from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 from engine.inputs.sources import Record, Shard
 from engine.scan.batches import LoadedBatch
 
@@ -23,17 +25,24 @@ DECODE_PIXEL_BUDGET = 64_000_000  # decoded full-size pixels held at once by the
 
 
 def load_batch(
-    shard: Shard, records: list[Record], decoder: Decoder, size: int, max_pixels: int, last: bool
-) -> LoadedBatch:
-    """Read, inspect, decode and resize one batch; each unreadable file becomes an error message."""
+    shard: Shard, records: list[Record], decoder: Decoder, size: int, max_pixels: int, last: bool,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+) -> LoadedBatch:  # fmt: skip
+    """Read, inspect, decode and resize one batch; each unreadable file becomes an error message.
+
+    The batch's files are read in parallel, regular files only, each within read_timeout seconds
+    (engine.inputs.reader): a FIFO, a device or a hung read is an error row, never a stuck loader."""
     t0 = time.perf_counter()
     errors: dict[int, str] = {}
     items, offsets = [], []
+    reads = read_files([r.file if r.path else None for r in records], read_timeout, max_file_bytes(max_pixels))
     for offset, record in enumerate(records):
         try:
             if not record.path:
                 raise DecodeError("no path given for this input")
-            data = read_bytes(record.file)
+            data = reads[offset]
+            if isinstance(data, Exception):
+                raise data
             items.append((data, inspect_bytes(data, Path(record.file).suffix, max_pixels)))
             offsets.append(offset)
         except DecodeError as exc:

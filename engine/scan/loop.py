@@ -36,6 +36,7 @@ from engine.scan.store import ScanStore, ShardCounts
 from engine.scan.writer import ShardWriter
 
 _DONE = object()
+WRITER_GRACE_S = 60.0  # on an early stop, how long the writer may take to finish the batch it is writing
 
 
 def _batches(shards: Iterable[Shard], batch_size: int) -> Iterator[tuple[Shard, list[Record], bool]]:
@@ -181,12 +182,21 @@ def run_shards(
     def load_all() -> None:
         torch.set_num_threads(1)  # this thread's resizes only: the model owns the cores
         for shard, records, last in _batches(shards, options.batch_size):
-            if not _put(loaded_q, load_batch(shard, records, decoder, size, options.max_pixels, last), stop):
+            loaded = load_batch(shard, records, decoder, size, options.max_pixels, last, options.read_timeout)
+            if not _put(loaded_q, loaded, stop):
                 return
         _put(loaded_q, _DONE, stop)
 
     def write_all() -> None:
-        while (item := scored_q.get()) is not _DONE:
+        while True:
+            try:
+                item = scored_q.get(timeout=0.2)
+            except queue.Empty:
+                if stop.is_set():  # the loop stopped early (an interruption, a fault): write no more
+                    return
+                continue
+            if item is _DONE or stop.is_set():
+                return
             writer.write(item)
 
     loader, writer_thread = _Worker("vade-loader", load_all), _Worker("vade-writer", write_all)
@@ -219,6 +229,7 @@ def run_shards(
         loader.check()
     finally:
         stop.set()
+        writer_thread.join(timeout=WRITER_GRACE_S)  # a batch being written is finished: a clean stopping point
         stage.close()
     times.write = writer.seconds
     times.loop = time.perf_counter() - started
