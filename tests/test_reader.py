@@ -139,3 +139,32 @@ def test_fit_and_calibration_read_the_same_way(tmp_path: Path) -> None:
     batches = list(iter_image_batches([tmp_path / "fifo.png", tmp_path / "good.png"], 16, 8, skipped, read_timeout=5.0))
     assert [tuple(b.shape) for b in batches] == [(1, 3, 16, 16)]
     assert skipped == [(str(tmp_path / "fifo.png"), "is a FIFO (named pipe), not an image file: only regular files are read")]
+
+
+def test_a_file_that_grows_while_it_is_read_is_refused(tmp_path: Path) -> None:
+    """A 64 MiB file appended to all the while (a copy still running): its read sees the size change."""
+    path = tmp_path / "growing.png"
+    with open(path, "wb") as fh:
+        fh.truncate(64 << 20)
+    stop = threading.Event()
+
+    def append() -> None:
+        with open(path, "ab") as fh:
+            while not stop.is_set():
+                fh.write(b"x")
+                fh.flush()
+
+    writer = threading.Thread(target=append, daemon=True)
+    writer.start()
+    try:
+        messages = []
+        for _ in range(5):  # the appender could, in principle, be descheduled for a whole read
+            try:
+                read_file(path)
+            except DecodeError as exc:
+                messages.append(str(exc))
+                break
+    finally:
+        stop.set()
+        writer.join()
+    assert messages and "changed while it was read" in messages[0] and "still being written" in messages[0]
