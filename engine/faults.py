@@ -172,6 +172,8 @@ def resume_hint(out_dir: str | Path | None, when: str = "once this is fixed, ") 
         manifest = json.loads((out / "scan.json").read_text(encoding="utf-8"))
         done = sum(1 for _ in (out / "_done").glob("shard-*.json"))
     except (OSError, ValueError):
+        if out.is_dir() and any(out.iterdir()):
+            return f"; {out} holds no resumable scan (no scan.json): {when}remove it and run the scan again"
         return f"; {out} holds no resumable scan: {when}run the scan again"
     if manifest.get("state") == "complete":
         return ""

@@ -198,7 +198,7 @@ def test_output_removed_mid_scan_exits_5(scan_model_dir: Path, inputs: Path, tmp
     with pytest.raises(OutputUnwritable) as info:
         scan(scan_model_dir, inputs, out, progress=FaultAfter(16, remove), **SETTINGS)
     assert info.value.exit_code == 5 and f"the output folder {out} was removed during the scan" in str(info.value)
-    assert "holds no resumable scan: once this is fixed, run the scan again" in str(info.value)
+    assert "holds no resumable scan" in str(info.value) and "run the scan again" in str(info.value)
 
 
 def test_model_changed_mid_scan_exits_6_then_resumes(
