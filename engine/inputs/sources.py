@@ -169,7 +169,8 @@ class ListSource(Source):
 
     def _items(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
         base = Path(self.spec).parent
-        with open(self.spec, encoding="utf-8", errors="surrogateescape") as lines:  # paths are bytes on POSIX
+        # Paths are bytes on POSIX: bytes that are not UTF-8 survive as surrogates; a BOM is not part of a path.
+        with open(self.spec, encoding="utf-8-sig", errors="surrogateescape") as lines:
             for line in lines:
                 text = line.rstrip("\r\n").strip()
                 if text and not text.startswith("#"):
@@ -224,6 +225,8 @@ def _is_bytes(kind: pa.DataType) -> bool:
 
 
 def _is_text_or_bytes(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):  # a pandas categorical
+        kind = kind.value_type
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_bytes(kind)
 
 
