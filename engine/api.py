@@ -19,6 +19,7 @@ from engine.config import FitConfig
 from engine.errors import DataError, DecodeError, WeightsError
 from engine.inputs.decode import pixels_tensor, read_rgb, tile_chunks, to_tensor
 from engine.inputs.inspection import oriented_size
+from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 from engine.models.base import AnomalyModel, resolve_device
 from engine.models.registry import MODELS
 from engine.models.registry import load_model as load
@@ -44,13 +45,20 @@ def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[li
 
 
 def iter_image_batches(
-    paths: Sequence[Path], size: int, batch_size: int, skipped: list[tuple[str, str]]
+    paths: Sequence[Path],
+    size: int,
+    batch_size: int,
+    skipped: list[tuple[str, str]],
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
 ) -> Iterator[torch.Tensor]:
-    """Decoded, resized batches; unreadable files are appended to `skipped` as (path, reason)."""
+    """Decoded, resized batches; unreadable files are appended to `skipped` as (path, reason).
+
+    The reading path of fit and calibration: regular files only, each read within `read_timeout`
+    seconds (engine.inputs.reader), so a FIFO or a hung mount is a skipped file, never a hang."""
     batch: list[np.ndarray] = []
     for path in paths:
         try:
-            batch.append(read_rgb(path))
+            batch.append(read_rgb(path, read_timeout=read_timeout))
         except DecodeError as exc:
             skipped.append((str(path), str(exc)))
             continue
@@ -62,13 +70,14 @@ def iter_image_batches(
 
 
 def plan_training_tiles(paths: Sequence[Path], spec: TileSpec, max_patches: int, seed: int,
-                        skipped: list[tuple[str, str]]) -> tuple[dict[Path, list[int]], int]:
+                        skipped: list[tuple[str, str]], read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+                        ) -> tuple[dict[Path, list[int]], int]:
     """Which tiles of which images the fit uses: all of them, or a seeded uniform sample of tiles when
     they hold more than `max_patches` patches. Returns ({path: tile indices}, tiles in all)."""
     counts: dict[Path, int] = {}
     for path in paths:
         try:
-            counts[path] = spec.layout(*oriented_size(path)).n_tiles
+            counts[path] = spec.layout(*oriented_size(path, read_timeout)).n_tiles
         except DecodeError as exc:
             skipped.append((str(path), str(exc)))
     total = sum(counts.values())
@@ -87,13 +96,14 @@ def plan_training_tiles(paths: Sequence[Path], spec: TileSpec, max_patches: int,
 
 
 def iter_tile_batches(plan: dict[Path, list[int]], spec: TileSpec, batch_size: int,
-                      skipped: list[tuple[str, str]]) -> Iterator[torch.Tensor]:
+                      skipped: list[tuple[str, str]], read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+                      ) -> Iterator[torch.Tensor]:
     """Batches of `batch_size` training tiles (the last may be short), in the plan's order."""
     pending: list[torch.Tensor] = []
     held = 0
     for path, tiles in plan.items():
         try:
-            pixels = pixels_tensor(read_rgb(path))
+            pixels = pixels_tensor(read_rgb(path, read_timeout=read_timeout))
         except DecodeError as exc:
             skipped.append((str(path), str(exc)))
             continue
@@ -109,18 +119,23 @@ def iter_tile_batches(plan: dict[Path, list[int]], spec: TileSpec, batch_size: i
         yield torch.cat(pending)
 
 
-def _raw_scores(model: AnomalyModel, paths: Sequence[Path], skipped: list[tuple[str, str]]) -> np.ndarray:
+def _raw_scores(
+    model: AnomalyModel, paths: Sequence[Path], skipped: list[tuple[str, str]], read_timeout: float
+) -> np.ndarray:
     if model.tile_spec is not None:
-        decoded = _readable(paths, skipped)
+        decoded = _readable(paths, skipped, read_timeout)
         return np.asarray([float(out.score) for _, out in score_images_tiled(model, decoded)], dtype=np.float64)
-    scores = [model.score(b).scores.cpu() for b in iter_image_batches(paths, model.input_size, model.cfg.batch_size, skipped)]
+    batches = iter_image_batches(paths, model.input_size, model.cfg.batch_size, skipped, read_timeout)
+    scores = [model.score(b).scores.cpu() for b in batches]
     return torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)
 
 
-def _readable(paths: Sequence[Path], skipped: list[tuple[str, str]]) -> Iterator[tuple[Path, np.ndarray]]:
+def _readable(
+    paths: Sequence[Path], skipped: list[tuple[str, str]], read_timeout: float
+) -> Iterator[tuple[Path, np.ndarray]]:
     for path in paths:
         try:
-            yield path, read_rgb(path)
+            yield path, read_rgb(path, read_timeout=read_timeout)
         except DecodeError as exc:
             skipped.append((str(path), str(exc)))
 
@@ -136,8 +151,15 @@ def _finite(feature_maps: list[torch.Tensor], cfg: FitConfig) -> list[torch.Tens
     return feature_maps
 
 
-def fit(images: Sequence[str | Path], cfg: FitConfig | None = None, progress: Progress | None = None) -> AnomalyModel:
-    """Fit a model on normal images and calibrate its threshold on a seeded hold-out of them."""
+def fit(
+    images: Sequence[str | Path],
+    cfg: FitConfig | None = None,
+    progress: Progress | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+) -> AnomalyModel:
+    """Fit a model on normal images and calibrate its threshold on a seeded hold-out of them.
+
+    An image that cannot be read (or not within `read_timeout` seconds) is skipped and listed in fit_stats."""
     say = progress or (lambda msg: None)
     cfg = (cfg or FitConfig()).resolved()
     torch.manual_seed(cfg.seed)
@@ -152,19 +174,19 @@ def fit(images: Sequence[str | Path], cfg: FitConfig | None = None, progress: Pr
     t0 = time.perf_counter()
     spec = model.tile_spec
     if spec is None:
-        images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped)
+        images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped, read_timeout)
         units = len(train)
     else:
-        plan, tiles_total = plan_training_tiles(train, spec, cfg.max_train_patches, cfg.seed, skipped)
+        plan, tiles_total = plan_training_tiles(train, spec, cfg.max_train_patches, cfg.seed, skipped, read_timeout)
         units = sum(len(t) for t in plan.values())
         say(f"training on {units} tiles of {len(plan)} images" + (f" (a seeded sample of {tiles_total})" if units < tiles_total else ""))
         model.fit_stats.update(training_tiles=units, tiles_total=tiles_total)
-        images_in = iter_tile_batches(plan, spec, cfg.batch_size, skipped)
+        images_in = iter_tile_batches(plan, spec, cfg.batch_size, skipped, read_timeout)
     batches = (_finite(model.features(b), cfg) for b in images_in)
     model.fit_features(batches, units)
     t1 = time.perf_counter()
     source = "holdout" if holdout else "train"
-    normal = _raw_scores(model, holdout or train, skipped)
+    normal = _raw_scores(model, holdout or train, skipped, read_timeout)
     if normal.size == 0:
         raise DataError("no readable normal image left to calibrate the threshold")
     model.calibration = calibrate(normal, cfg.target_false_alarm_rate, source)

@@ -4,16 +4,15 @@ rows, errors and pixels that the single loader thread gives, in the same order."
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
+from imagegen import broken_files, valid_files, write_files
 
 from engine.inputs.decoders import PillowDecoder
 from engine.inputs.sources import Record, Shard
 from engine.scan.cuda_feed import decoder_threads, feed_workers, load_batches
 from engine.scan.loader import load_batch
-from imagegen import broken_files, valid_files, write_files
 
 
 @pytest.fixture(scope="module")

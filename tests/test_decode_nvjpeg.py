@@ -9,12 +9,17 @@ import struct
 import numpy as np
 import pytest
 import torch
+from imagegen import exif_rotated_jpeg, jpeg_bytes, png_bytes
 from PIL import Image
 
 from engine.inputs.decode import decode_pillow
-from engine.inputs.decoders import NvjpegDecoder, apply_orientation, exif_orientation, reused_decoder
+from engine.inputs.decoders import (
+    NvjpegDecoder,
+    apply_orientation,
+    exif_orientation,
+    reused_decoder,
+)
 from engine.inputs.inspection import inspect_bytes
-from imagegen import exif_rotated_jpeg, jpeg_bytes, png_bytes
 
 
 def as_stored(blobs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -125,31 +125,42 @@ def test_a_worker_killed_mid_shard_changes_nothing(
 
 
 class PoisonDecoder(WorkerPlugin):
-    """Test-only: in the worker process, reading a file named *_poison* ends the process, as a segfault would."""
+    """Test-only: in the worker process, reading a file named *_poison* ends the process, as a segfault would
+    (leaving a file in `deaths` first, so a test can count the deaths)."""
 
     name = "test-poison-decoder"
+
+    def __init__(self, deaths: Path):
+        self.deaths = str(deaths)
 
     def setup(self, worker) -> None:
         import engine.scan.loader as scan_loader
 
-        self.original = scan_loader.read_bytes
+        self.original = scan_loader.read_files
 
-        def read_bytes(path, *args, **kwargs):
-            if POISON_MARK in Path(path).name:
+        def read_files(paths, *args, **kwargs):
+            if any(p is not None and POISON_MARK in Path(p).name for p in paths):
+                Path(self.deaths, f"{os.getpid()}-{time.monotonic_ns()}").touch()
                 os._exit(70)
-            return self.original(path, *args, **kwargs)
+            return self.original(paths, *args, **kwargs)
 
-        scan_loader.read_bytes = read_bytes
+        scan_loader.read_files = read_files
 
     def teardown(self, worker) -> None:
         import engine.scan.loader as scan_loader
 
-        scan_loader.read_bytes = self.original
+        scan_loader.read_files = self.original
 
 
-def test_a_poison_input_becomes_one_error_row_and_the_scan_completes(
+class DriverDied(Exception):
+    """Stands for the driver process dying at the moment it reported a poison input."""
+
+
+def test_a_poison_input_becomes_one_error_row_and_a_resumed_driver_does_not_crash_on_it_again(
     client, scan_model_dir: Path, real_images: list[Path], tmp_path: Path
 ) -> None:
+    """The driver dies right after isolating the poison input (shard 0 unfinished); the resumed scan reads
+    the finding from OUT_DIR, kills no worker, and its result is an uninterrupted scan's."""
     folder = tmp_path / "in"
     folder.mkdir()
     for path in real_images[:6]:
@@ -158,13 +169,33 @@ def test_a_poison_input_becomes_one_error_row_and_the_scan_completes(
     shutil.copyfile(real_images[1], poison)
     reference = _reference(scan_model_dir, folder, tmp_path / "ref", shard_size=4)
     messages: list[str] = []
-    client.register_plugin(PoisonDecoder(), name=PoisonDecoder.name)
+
+    def say_then_die(message: str) -> None:
+        messages.append(message)
+        if "killed the worker each time" in message:
+            raise DriverDied(message)
+
+    resumed: list[str] = []
+    deaths = tmp_path / "deaths"
+    deaths.mkdir()
+    client.register_plugin(PoisonDecoder(deaths), name=PoisonDecoder.name)
     try:
+        with pytest.raises(DriverDied):
+            scan_on_cluster(
+                scan_model_dir, folder, tmp_path / "out", client=client, shard_size=4, say=say_then_die, **SETTINGS
+            )
+        assert not (tmp_path / "out" / "_done" / "shard-00000000.json").exists()  # shard 0 was not finished
+        died = len(list(deaths.iterdir()))
+        assert died >= 2  # the poison input killed workers (how many: as Dask counts tasks lost with a worker)
         result = scan_on_cluster(
-            scan_model_dir, folder, tmp_path / "out", client=client, shard_size=4, say=messages.append, **SETTINGS
-        )
+            scan_model_dir, folder, tmp_path / "out", client=client, shard_size=4, say=resumed.append, resume=True,
+            **SETTINGS,
+        )  # fmt: skip
+        assert len(list(deaths.iterdir())) == died  # no worker died again
     finally:
         client.unregister_worker_plugin(PoisonDecoder.name)
+    assert any("known to kill workers (recorded by an earlier run)" in m for m in resumed)
+    assert not any("workers died" in m or "killed the worker" in m for m in resumed)
     rows, expected = _rows(tmp_path / "out"), _rows(reference)
     assert (result.counts.ok, result.counts.error) == (6, 1) and rows.num_rows == 7
     position = [Path(p).name for p in expected.column("path").to_pylist()].index(poison.name)

@@ -105,8 +105,8 @@ def test_vade_scan_workers_resumes_a_one_process_scan(
     try:
         scan(scan_model_dir, folder, tmp_path / "ref", **settings)
         out = tmp_path / "out"
-        job = open_scan(scan_model_dir, folder, out, ScanOptions(**settings))
-        run_shard(job.model, next(job.pending_shards()), out, job.options)
+        with open_scan(scan_model_dir, folder, out, ScanOptions(**settings)) as job:  # holds OUT_DIR's lock
+            run_shard(job.model, next(job.pending_shards()), out, job.options)
     finally:
         torch.set_num_threads(threads)
     marker = next((out / "_done").glob("*.json"))

@@ -87,9 +87,9 @@ def test_resume_of_a_tiled_scan_equals_an_uninterrupted_one(
 
     options = ScanOptions(device="cpu", shard_size=3, batch_size=2)
     _scan(tiled_model_dir, odd_shapes, tmp_path / "clean", shard_size=3, batch_size=2)
-    job = open_scan(tiled_model_dir, str(odd_shapes), tmp_path / "resumed", options)
-    shards = list(job.pending_shards())
-    run_shard(job.model, shards[1], tmp_path / "resumed", options)  # one shard done, then "killed"
+    with open_scan(tiled_model_dir, str(odd_shapes), tmp_path / "resumed", options) as job:
+        shards = list(job.pending_shards())
+        run_shard(job.model, shards[1], tmp_path / "resumed", options)  # one shard done, then "killed"
     result = scan(tiled_model_dir, str(odd_shapes), tmp_path / "resumed", options, resume=True)
     assert result.shards_skipped == 1
     assert compare(tmp_path / "clean", tmp_path / "resumed") is None

@@ -152,3 +152,12 @@ def test_large_inputs_stream_in_bounded_memory(tmp_path: Path, kind: str) -> Non
         tracemalloc.stop()
     assert seen == n
     assert peak < 16 * 1024**2, f"peak {peak / 1024**2:.1f} MiB: the listing was held in memory"
+
+
+def test_list_with_a_bom_and_a_categorical_manifest_path(tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbfa.png\r\nb.png\n")  # saved by a Windows editor
+    assert [r.path for r in open_source(listing).records()] == ["a.png", "b.png"]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": pa.array(["a.png", "b.png", "a.png"]).dictionary_encode()}), manifest)
+    assert [r.path for r in open_source(manifest).records()] == ["a.png", "b.png", "a.png"]

@@ -40,6 +40,7 @@ def _rows(store: ScanStore, positions: list[int], shard: int) -> pa.Table:
         "width": [8] * n, "height": [8] * n, "position": positions, "shard": [shard] * n, "site": ["a"] * n,
         "source_score": [7.0] * n,
     }  # fmt: skip
+    columns["path_bytes"] = [None] * n  # every name here is UTF-8
     return shard_rows(store.schema, columns)
 
 

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from engine.cli.common import say
+from engine.cli.common import positive_seconds, say
+from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", dest="json_path", help="write the metrics as JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=16, dest="batch_size")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S, metavar="SECONDS", dest="read_timeout",
+                   help=f"an image whose read takes longer stops the evaluation, naming it (default {DEFAULT_READ_TIMEOUT_S:g})")
     p.set_defaults(func=run_eval)
 
 
@@ -24,8 +27,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from engine.evaluation.evaluate import evaluate, format_table
     from engine.models.registry import load_model
 
+    read_timeout = positive_seconds(args.read_timeout)
     model = load_model(args.model_dir, device=args.device)
-    result = evaluate(model, Path(args.data), args.category, batch_size=args.batch_size)
+    result = evaluate(model, Path(args.data), args.category, batch_size=args.batch_size, read_timeout=read_timeout)
     print(format_table(result))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.cli.common import say
+from engine.cli.common import positive_seconds, say
 from engine.errors import VadeError
+from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer-balance", choices=["nearest", "variance", "none"], dest="layer_balance",
                    help="PatchCore per-layer weights (default nearest: equal shares of the nearest-entry residuals)")
     p.add_argument("--force", action="store_true", help="overwrite an existing model directory")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S, metavar="SECONDS", dest="read_timeout",
+                   help=f"an image whose read takes longer is skipped (default {DEFAULT_READ_TIMEOUT_S:g})")
     p.set_defaults(func=run_fit)
 
 
@@ -55,7 +58,7 @@ def run_fit(args: argparse.Namespace) -> int:
         raise VadeError(f"{out} already holds a model; pass --force to overwrite it or choose another --out")
     cfg = load_config(args.config, {k: getattr(args, k) for k in FIT_KEYS})
     images = train_images(Path(args.data), args.category)
-    model = fit(images, cfg, progress=say)
+    model = fit(images, cfg, progress=say, read_timeout=positive_seconds(args.read_timeout))
     model.save(out)
     stats = model.fit_stats
     say(f"wrote {out}/model.safetensors and model.json ({model.method}, bank/positions "

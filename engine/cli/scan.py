@@ -1,7 +1,9 @@
 """`vade scan MODEL_DIR SOURCE --out OUT_DIR`: the command-line face of engine.scan.job.scan.
 
 Exit codes: 0 the scan completed (error rows included), 1 with --strict when any row is an error,
-2 a usage or input problem (message on stderr).
+2 a usage or input problem, 3 OUT_DIR locked by another scan, 4-8 a failure of the machine (disk full,
+output unwritable, model changed, out of memory, storage), 130/143 SIGINT/SIGTERM: one line on stderr
+each (engine/cli/main.py lists them; engine/faults.py makes them).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from engine.errors import VadeError
-from engine.inputs.settings import DECODERS, DEFAULT_MAX_PIXELS
+from engine.inputs.settings import DECODERS, DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S
 from engine.scan.options import ScanOptions
 
 EXIT_OK, EXIT_STRICT, EXIT_USAGE = 0, 1, 2
@@ -42,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images as decompression bombs"
     )
+    p.add_argument(
+        "--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S, metavar="SECONDS",
+        help=f"a file whose read takes longer is an error row and the scan goes on (default {DEFAULT_READ_TIMEOUT_S:g})",
+    )  # fmt: skip
     p.add_argument("--strict", action="store_true", help="exit 1 when any input could not be scored")
     p.add_argument("--quiet", action="store_true", help="no progress output (the summary line still prints)")
     add_cluster_arguments(p)
@@ -74,6 +79,7 @@ def options_from_args(args: argparse.Namespace) -> ScanOptions:
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         max_pixels=args.max_pixels,
+        read_timeout=args.read_timeout,
     )
 
 
@@ -101,19 +107,15 @@ def run(args: argparse.Namespace) -> int:
     from engine.scan.progress import Progress
 
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    try:
-        result = scan_function(args)(
-            args.model_dir,
-            args.source,
-            args.out,
-            options_from_args(args),
-            resume=args.resume,
-            progress=Progress(0, quiet=args.quiet),
-            say=say,
-        )
-    except VadeError as exc:
-        print(f"vade scan: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    result = scan_function(args)(  # errors and faults: one line and their exit code (engine/cli/main.py)
+        args.model_dir,
+        args.source,
+        args.out,
+        options_from_args(args),
+        resume=args.resume,
+        progress=Progress(0, quiet=args.quiet),
+        say=say,
+    )
     say(f"decoder {result.decoder} on {result.device}, {result.seconds:.1f} s")
     print(result.summary())
     return EXIT_STRICT if args.strict and result.counts.error else EXIT_OK

@@ -36,11 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.distributed.poison import PoisonLedger, around
 from engine.distributed.worker import PackedShard, scan_piece
 from engine.errors import ConfigError
+from engine.faults import machine_faults
 from engine.inputs.sources import Record, Shard
 from engine.scan.batches import StageTimes
+from engine.scan.guard import ModelGuard
 from engine.scan.job import ScanJob, ScanResult, open_scan
+from engine.scan.lock import LOCK_NAME
 from engine.scan.options import ScanOptions
 from engine.scan.progress import Progress
 from engine.scan.store import ShardCounts, check_new_out_dir
@@ -142,6 +146,8 @@ class _Runner:
         self.times = StageTimes()
         self.decoder = ""
         self._threads, self._threads_at = 1, 0.0
+        self.ledger = PoisonLedger(job.store)  # poison inputs found, kept across driver restarts
+        self.guard = ModelGuard(model_dir, job.store.manifest["model_fingerprint"])
 
     def _window(self) -> int:
         now = time.monotonic()
@@ -167,8 +173,24 @@ class _Runner:
                 shard = next(self.shards, None)
                 if shard is None:
                     return
+                known = self.ledger.known(shard.id)
+                if known:  # an earlier driver found poison inputs here: scan around them
+                    self._around_known(_absolute(shard), known)
+                    continue
                 task = _Task(_absolute(shard), None, f"vade-shard-{self.token}-{shard.id}")
             self._submit(task, done)
+
+    def _around_known(self, shard: Shard, known: dict[int, str]) -> None:
+        runs, poison = around(shard, known)
+        split = _Split(shard, waiting=len(runs) + len(poison))
+        self.say(f"shard {shard.id}: {len(poison)} input(s) known to kill workers (recorded by an earlier run); "
+                 "scanning around them")  # fmt: skip
+        for piece in poison:
+            rows, counts = _crash_row(self.job, piece, known[piece.start])
+            self.tally.finish(f"known-{self.token}-{piece.start}", 1)
+            self._piece_done(split, piece, rows, counts)
+        for sub in reversed(runs):
+            self.backlog.appendleft(_Task(sub, split, f"vade-piece-{self.token}-{sub.id}-{sub.start}-{sub.stop}"))
 
     def run(self) -> StageTimes:
         from distributed import as_completed
@@ -194,6 +216,7 @@ class _Runner:
         return self.times
 
     def _finished(self, task: _Task, result: Any) -> None:
+        self.guard.check()  # the model directory must not change under the scan
         for name in ("decode", "features", "scoring", "write", "images"):
             setattr(self.times, name, getattr(self.times, name) + getattr(result.times, name))
         self.decoder = self.decoder or result.decoder
@@ -227,8 +250,10 @@ class _Runner:
         split = task.split or _Split(piece)
         if len(piece.records) == 1:
             record = piece.records[0]
+            message = _crash_message(error)
+            self.ledger.add(piece.id, record.position, message)  # first: a driver that dies now keeps the finding
             self.say(f"input {record.path} killed the worker each time it was scanned; recorded as an error row")
-            rows, counts = _crash_row(self.job, piece, error)
+            rows, counts = _crash_row(self.job, piece, message)
             self.tally.finish(task.key, 1)
             self._piece_done(split, piece, rows, counts)
             return
@@ -242,7 +267,14 @@ class _Runner:
             self.backlog.appendleft(_Task(sub, split, f"vade-piece-{self.token}-{sub.id}-{sub.start}-{sub.stop}"))
 
 
-def _crash_row(job: ScanJob, piece: Shard, error: Any) -> tuple[Any, ShardCounts]:
+def _crash_message(error: Any) -> str:
+    return (
+        f"the worker process died each of the {error.allowed_failures + 1} times it scanned this file (the decoder "
+        "crashes on it, or it exhausts memory); the file was isolated by splitting its shard"
+    )
+
+
+def _crash_row(job: ScanJob, piece: Shard, message: str) -> tuple[Any, ShardCounts]:
     """The error row for a single input that killed its worker every time; its map slot is set to empty."""
     import numpy as np
     import torch
@@ -252,10 +284,6 @@ def _crash_row(job: ScanJob, piece: Shard, error: Any) -> tuple[Any, ShardCounts
     from engine.scan.writer import ShardWriter
 
     size = int(job.store.manifest["map_size"])
-    message = (
-        f"the worker process died each of the {error.allowed_failures + 1} times it scanned this file (the decoder "
-        "crashes on it, or it exhausts memory); the file was isolated by splitting its shard"
-    )
     collector = RowsCollector(job.store)
     loaded = LoadedBatch(piece, piece.records, torch.empty((0, 3, size, size)), [], {}, {0: message}, True, 0.0)
     empty = np.zeros(0, np.float32)
@@ -319,32 +347,40 @@ def scan_on_cluster(
     say = say or (lambda _msg: None)
     forced = getattr(cluster, "worker_device", None)
     _check_forced_device(options, forced)
-    if not resume:
+    if not resume and not (Path(out_dir) / LOCK_NAME).exists():  # a locked folder: open_scan names the holder
         check_new_out_dir(Path(out_dir))  # before starting a cluster
     t0 = time.perf_counter()
-    with nullcontext(client) if client is not None else connect(cluster) as live:
+    with machine_faults(out_dir, model_dir), nullcontext(client) if client is not None else connect(cluster) as live:
         device = _workers_device(live, options, forced)
         if options.device == "auto":  # each worker then uses the device type found on one of them
             options = dataclasses.replace(options, device=device)
         local = load_model(model_dir, device="cpu")
         facts = _ModelFacts(local.input_size, local.meta, float(local.threshold), torch.device(device), local.tile_spec)
         del local
-        job = open_scan(model_dir, source, out_dir, options, resume=resume, model=facts)
-        counts = job.done_counts()
-        if job.done:
-            say(f"resuming: {len(job.done)} of {job.shards} shards ({counts.total} images) already done")
-        times, decoder = StageTimes(), options.decoder
-        if not job.store.is_complete():
-            progress = progress or Progress(job.total, quiet=quiet)
-            progress.begin(job.total, counts.total)
-            workers = len(live.nthreads())
-            pending = job.shards - len(job.done)
-            say(f"scanning {job.total} images in {pending} shards on {workers} Dask workers ({live.scheduler.address})")
-            runner = _Runner(live, job, options, str(Path(model_dir).absolute()), _Tally(progress), say)
-            times = runner.run()
-            decoder = runner.decoder or decoder
-            progress.close()
-        counts = job.finish()
+        job = open_scan(model_dir, source, out_dir, options, resume=resume, model=facts, say=say)
+        with job:  # holds OUT_DIR's lock; the workers write its shards under it
+            counts, times, decoder = _run_job(job, live, options, str(Path(model_dir).absolute()), progress, quiet, say)
     return ScanResult(
         Path(out_dir), counts, job.total, job.shards, len(job.done), time.perf_counter() - t0, times, decoder, device
     )
+
+
+def _run_job(
+    job: ScanJob, live: Any, options: ScanOptions, model_dir: str, progress: Progress | None, quiet: bool, say: Callable
+) -> tuple[ShardCounts, StageTimes, str]:
+    """Run an opened job's pending shards on the cluster and consolidate: (counts, times, decoder)."""
+    counts = job.done_counts()
+    if job.done:
+        say(f"resuming: {len(job.done)} of {job.shards} shards ({counts.total} images) already done")
+    times, decoder = StageTimes(), options.decoder
+    if not job.store.is_complete():
+        progress = progress or Progress(job.total, quiet=quiet)
+        progress.begin(job.total, counts.total)
+        workers = len(live.nthreads())
+        pending = job.shards - len(job.done)
+        say(f"scanning {job.total} images in {pending} shards on {workers} Dask workers ({live.scheduler.address})")
+        runner = _Runner(live, job, options, model_dir, _Tally(progress), say)
+        times = runner.run()
+        decoder = runner.decoder or decoder
+        progress.close()
+    return job.finish(), times, decoder

@@ -21,7 +21,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from engine.errors import ConfigError, ModelFileError
+from engine.errors import ConfigError
+from engine.faults import ModelChanged
 from engine.inputs.sources import Record, Shard
 from engine.scan.batches import StageTimes
 from engine.scan.loop import run_shards
@@ -52,7 +53,7 @@ def cached_model(model_dir: str, fingerprint: str, device: str) -> Any:
         if model is None:
             found = model_fingerprint(model_dir)
             if found != fingerprint:
-                raise ModelFileError(
+                raise ModelChanged(
                     f"the model at {model_dir} on this worker differs from the one the scan was started with "
                     f"(model.json SHA-256 {found[:12]}... != {fingerprint[:12]}...); "
                     "give every worker the same model files"

@@ -10,6 +10,7 @@ throughput counts decode + resize + scoring, not the mask reading.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,8 @@ from engine.errors import DataError, DecodeError
 from engine.evaluation import metrics
 from engine.inputs.datasets import TestItem, test_items
 from engine.inputs.decode import read_rgb, to_tensor
-from engine.inputs.inspection import oriented_size
+from engine.inputs.inspection import oriented_size, read_bytes
+from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 from engine.models.tiled import score_images_tiled
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
@@ -43,28 +45,33 @@ class ScoringModel(Protocol):
     def score(self, images: torch.Tensor) -> Any: ...  # ScoreOutput(scores[B], maps[B, S, S])
 
 
-def _orientation(path: Path) -> int:
+def _open(path: Path, read_timeout: float) -> Image.Image:
+    """A mask or image opened from bytes read as every image is (regular files only, within the timeout)."""
+    return Image.open(io.BytesIO(read_bytes(path, read_timeout)))
+
+
+def _orientation(path: Path, read_timeout: float) -> int:
     try:
-        with Image.open(path) as img:
+        with _open(path, read_timeout) as img:
             return int(img.getexif().get(0x0112, 1))
-    except OSError:
+    except (OSError, DecodeError):
         return 1
 
 
-def check_masks(items: Sequence[TestItem]) -> list[tuple[int, int]]:
+def check_masks(items: Sequence[TestItem], read_timeout: float = DEFAULT_READ_TIMEOUT_S) -> list[tuple[int, int]]:
     """Each image's displayed (height, width); refuses a mask that is not its image's size (either
     orientation: EXIF rotation may transpose the image). Runs before any scoring."""
     sizes = []
     for item in items:
         try:
-            size = oriented_size(item.path)
+            size = oriented_size(item.path, read_timeout)
         except DecodeError:
             size = (0, 0)  # an unreadable image is reported when it is decoded
         if item.mask is not None:
             try:
-                with Image.open(item.mask) as img:
+                with _open(item.mask, read_timeout) as img:
                     mask_w, mask_h = img.size
-            except OSError as exc:
+            except (OSError, DecodeError) as exc:
                 raise DataError(f"cannot read ground-truth mask {item.mask}: {exc}") from exc
             if size != (0, 0) and (mask_h, mask_w) not in (size, size[::-1]):
                 raise DataError(
@@ -78,8 +85,9 @@ def check_masks(items: Sequence[TestItem]) -> list[tuple[int, int]]:
 class MaskSequence(Sequence):
     """Ground-truth masks at their own resolution, read on access, oriented as their images are shown."""
 
-    def __init__(self, items: Sequence[TestItem], sizes: Sequence[tuple[int, int]]):
-        self.items, self.sizes = list(items), list(sizes)
+    def __init__(self, items: Sequence[TestItem], sizes: Sequence[tuple[int, int]],
+                 read_timeout: float = DEFAULT_READ_TIMEOUT_S):
+        self.items, self.sizes, self.read_timeout = list(items), list(sizes), read_timeout
 
     def __len__(self) -> int:
         return len(self.items)
@@ -88,10 +96,11 @@ class MaskSequence(Sequence):
         item, size = self.items[i], self.sizes[i]
         if item.mask is None:
             return np.zeros(size, dtype=bool)
-        with Image.open(item.mask) as img:
+        with _open(item.mask, self.read_timeout) as img:
             mask = img.convert("L")
             if mask.size[::-1] != size:  # stored unrotated, its image displayed rotated
-                mask = mask.transpose(_ORIENT.get(_orientation(item.path), Image.Transpose.TRANSPOSE))
+                orientation = _orientation(item.path, self.read_timeout)
+                mask = mask.transpose(_ORIENT.get(orientation, Image.Transpose.TRANSPOSE))
             return np.asarray(mask) > 0
 
 
@@ -112,15 +121,20 @@ class MapsAtImageSize(Sequence):
         return up[0, 0].numpy()
 
 
-def _decode(item: TestItem) -> np.ndarray:
+def _decode(item: TestItem, read_timeout: float) -> np.ndarray:
     try:
-        return read_rgb(item.path)
+        return read_rgb(item.path, read_timeout=read_timeout)
     except DecodeError as exc:
         raise DecodeError(f"test image {item.path}: {exc}; remove or replace it to evaluate") from exc
 
 
 def score_items(
-    model: ScoringModel, items: Sequence[TestItem], *, batch_size: int = 16, progress: Progress | None = None
+    model: ScoringModel,
+    items: Sequence[TestItem],
+    *,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
 ) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, int]], float]:
     """(image scores [N] float32, raw maps (float32, the model's map shape each), displayed image
     sizes (height, width), seconds spent decoding and scoring)."""
@@ -131,7 +145,7 @@ def score_items(
     spec = getattr(model, "tile_spec", None)
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        decoded = [_decode(item) for item in batch]
+        decoded = [_decode(item, read_timeout) for item in batch]
         sizes += [(int(px.shape[0]), int(px.shape[1])) for px in decoded]
         if spec is None:
             size = int(model.input_size)
@@ -173,6 +187,7 @@ def evaluate(
     *,
     batch_size: int = 16,
     progress: Progress | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Metrics of `model` on ROOT[/CATEGORY]/test, as a JSON-able dict.
 
@@ -183,15 +198,16 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     items = test_items(Path(root), category)
-    check_masks(items)  # before scoring
-    scores, maps, sizes, seconds = score_items(model, items, batch_size=batch_size, progress=progress)
+    check_masks(items, read_timeout)  # before scoring
+    scores, maps, sizes, seconds = score_items(model, items, batch_size=batch_size, progress=progress,
+                                               read_timeout=read_timeout)
     labels = np.array([item.label for item in items], dtype=np.int64)
     defects = np.array([item.defect for item in items])
 
     def block_of(subset: np.ndarray) -> dict[str, Any]:
         chosen = np.flatnonzero(subset)
         chosen_sizes = [sizes[i] for i in chosen]
-        masks = MaskSequence([items[i] for i in chosen], chosen_sizes)
+        masks = MaskSequence([items[i] for i in chosen], chosen_sizes, read_timeout)
         return _metric_block(labels[chosen], scores[chosen], masks, MapsAtImageSize([maps[i] for i in chosen], chosen_sizes))
 
     result = block_of(np.ones(len(items), dtype=bool))

@@ -25,7 +25,8 @@ from PIL import Image, ImageOps
 
 from engine.errors import DecodeError
 from engine.inputs.inspection import inspect_bytes, read_bytes
-from engine.inputs.settings import DEFAULT_MAX_PIXELS
+from engine.inputs.reader import max_file_bytes
+from engine.inputs.settings import DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S
 from engine.tiling import TileLayout
 
 DECODER_TOLERANCE = 2.0 / 255.0  # max |difference| between decoders after preprocessing, values in [0, 1]
@@ -67,12 +68,16 @@ def decode_pillow(data: bytes) -> np.ndarray:
         raise DecodeError(f"corrupt image data: {type(exc).__name__}: {exc}") from exc
 
 
-def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode one image file to RGB uint8 (H, W, 3), EXIF orientation applied.
+def read_rgb(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, read_timeout: float = DEFAULT_READ_TIMEOUT_S
+) -> np.ndarray:
+    """Decode one image file to RGB uint8 (H, W, 3), EXIF orientation applied: the reading path of every
+    verb that reads images outside a scan (fit, eval, calibrate). Regular files only, each read within
+    `read_timeout` seconds (engine.inputs.reader).
 
     Raises DecodeError with a message that says what is wrong with the file.
     """
-    data = read_bytes(path)
+    data = read_bytes(path, read_timeout, max_file_bytes(max_pixels))
     inspect_bytes(data, Path(path).suffix, max_pixels)
     return decode_pillow(data)
 

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import DecodeError
-from engine.inputs.settings import DEFAULT_MAX_PIXELS
+from engine.inputs.reader import read_file
+from engine.inputs.settings import DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S
 
 # vade enforces its own limit (max_pixels) before decoding, so Pillow's global guard is switched off.
 Image.MAX_IMAGE_PIXELS = None
@@ -134,21 +135,15 @@ def inspect_bytes(data: bytes, suffix: str = "", max_pixels: int = DEFAULT_MAX_P
     return info
 
 
-def read_bytes(path: str | Path) -> bytes:
+def read_bytes(path: str | Path, timeout: float = DEFAULT_READ_TIMEOUT_S, max_bytes: int | None = None) -> bytes:
+    """A regular file's bytes within `timeout` seconds (engine.inputs.reader); DecodeError says what is wrong."""
+    return read_file(path, timeout, max_bytes)
+def oriented_size(path: str | Path, timeout: float = DEFAULT_READ_TIMEOUT_S) -> tuple[int, int]:
+    """(height, width) of an image as displayed (EXIF orientation applied), from its header alone;
+    the file is read as every image is (regular files only, within `timeout`)."""
+    data = read_bytes(path, timeout)
     try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DecodeError("file not found") from None
-    except IsADirectoryError:
-        raise DecodeError("is a folder, not an image file") from None
-    except OSError as exc:
-        raise DecodeError(f"cannot read the file: {exc.strerror or exc}") from exc
-
-
-def oriented_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image as displayed (EXIF orientation applied), from its header alone."""
-    try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             orientation = img.getexif().get(0x0112, 1)
     except (OSError, SyntaxError, ValueError) as exc:

@@ -17,7 +17,7 @@ import fnmatch
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from engine.inputs.datasets import is_image_path
 MANIFEST_BATCH_ROWS = 16_384  # rows decoded to Python at a time (a few MiB)
 _MAGIC = re.compile(r"[*?\[]")
 MVTEC_MASKS = "ground_truth"  # beside a test/ folder (MVTec layout): defect masks, not inputs
+RAW_PATH_COLUMN = "path_bytes"  # a manifest's (and scores.parquet's) raw bytes of a path that is not UTF-8
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,12 @@ def _walk_sorted(root: Path, ancestors: set[tuple[int, int]] | None = None) -> I
     `ancestors` holds the device and inode of the folders on the current path, so memory is O(depth).
     """
     ancestors = set() if ancestors is None else ancestors
-    stat = root.stat()
+    try:
+        stat = root.stat()
+    except FileNotFoundError:
+        if not ancestors:  # SOURCE itself
+            raise DataError(f"folder {root} does not exist (any more)") from None
+        return  # a subfolder removed while the walk ran: nothing left to list
     key = (stat.st_dev, stat.st_ino)
     if key in ancestors:
         return
@@ -76,7 +82,12 @@ def _walk_sorted(root: Path, ancestors: set[tuple[int, int]] | None = None) -> I
     for entry in entries:
         if entry.name.startswith(".") or (mvtec and entry.name == MVTEC_MASKS):
             continue
-        if entry.is_dir(follow_symlinks=True):
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:  # a link loop, say: an input whose read says what it is (engine.inputs.reader)
+            yield Path(entry.path)
+            continue
+        if is_dir:
             yield from _walk_sorted(Path(entry.path), ancestors)
         elif entry.is_file(follow_symlinks=True) or entry.is_symlink():  # a dangling link is an input too
             yield Path(entry.path)
@@ -158,7 +169,8 @@ class ListSource(Source):
 
     def _items(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
         base = Path(self.spec).parent
-        with open(self.spec, encoding="utf-8", errors="surrogateescape") as lines:  # paths are bytes on POSIX
+        # Paths are bytes on POSIX: bytes that are not UTF-8 survive as surrogates; a BOM is not part of a path.
+        with open(self.spec, encoding="utf-8-sig", errors="surrogateescape") as lines:
             for line in lines:
                 text = line.rstrip("\r\n").strip()
                 if text and not text.startswith("#"):
@@ -166,7 +178,11 @@ class ListSource(Source):
 
 
 class ManifestSource(Source):
-    """A Parquet file with a `path` column; its other columns are carried into scores.parquet."""
+    """A Parquet file with a `path` column; its other columns are carried into scores.parquet.
+
+    `path` holds strings (or raw bytes: binary). A binary `path_bytes` column, as scores.parquet has,
+    names the file by its raw bytes where it is not null (a name that is not UTF-8), so a scan's own
+    scores.parquet reopens every file it lists."""
 
     kind = "manifest"
 
@@ -178,21 +194,40 @@ class ManifestSource(Source):
             raise DataError(f"cannot read the Parquet manifest {spec}: {exc}") from exc
         if "path" not in schema.names:
             raise DataError(f"Parquet manifest {spec} has no 'path' column; its columns are {schema.names}")
-        if not pa.types.is_string(schema.field("path").type) and not pa.types.is_large_string(
-            schema.field("path").type
-        ):
+        if not _is_text_or_bytes(schema.field("path").type):
             raise DataError(f"the 'path' column of {spec} must hold strings, found {schema.field('path').type}")
-        self.extra_schema = pa.schema([f for f in schema if f.name != "path"])
+        self.raw_column = RAW_PATH_COLUMN if RAW_PATH_COLUMN in schema.names else None
+        if self.raw_column and not _is_bytes(schema.field(RAW_PATH_COLUMN).type):
+            raise DataError(
+                f"the {RAW_PATH_COLUMN!r} column of {spec} must hold raw bytes (binary), found "
+                f"{schema.field(RAW_PATH_COLUMN).type}"
+            )
+        self.extra_schema = pa.schema([f for f in schema if f.name not in ("path", RAW_PATH_COLUMN)])
 
     def _items(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
         base = Path(self.spec).parent
         names = self.extra_schema.names
         for batch in pq.ParquetFile(self.spec).iter_batches(batch_size=MANIFEST_BATCH_ROWS):
             columns = batch.to_pydict()
+            raw = columns[self.raw_column] if self.raw_column else None
             for row, text in enumerate(columns["path"]):
                 extra = {name: columns[name][row] for name in names}
+                if raw is not None and raw[row] is not None:
+                    text = os.fsdecode(raw[row])  # the name as on disk, not its UTF-8 rendering
+                elif isinstance(text, bytes):
+                    text = os.fsdecode(text)
                 text = text or ""
                 yield text, str(base / text), extra
+
+
+def _is_bytes(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _is_text_or_bytes(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):  # a pandas categorical
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_bytes(kind)
 
 
 def open_source(spec: str | Path) -> Source:
@@ -223,11 +258,15 @@ class Plan:
     fingerprint: str
 
 
-def plan(source: Source) -> Plan:
-    """Stream the whole enumeration once: count it and hash paths and carried values (a changed input)."""
+def plan(source: Source, each: Callable[[Record], None] | None = None) -> Plan:
+    """Stream the whole enumeration once: count it and hash paths and carried values (a changed input).
+
+    `each` sees every record on the way (engine.inputs.listing keeps them)."""
     digest = hashlib.sha256()
     count = 0
     for record in source.records():
+        if each is not None:
+            each(record)
         digest.update(record.path.encode("utf-8", "surrogateescape") + b"\0")
         if record.extra:
             digest.update(repr(list(record.extra.values())).encode("utf-8", "surrogateescape") + b"\0")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from engine.inputs.decoders import Decoder
+from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 from engine.inputs.sources import Record, Shard
 from engine.scan.batches import LoadedBatch
 from engine.scan.loader import load_batch
@@ -89,6 +90,7 @@ def load_batches(
     device: torch.device,
     workers: int,
     stop: threading.Event | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
 ) -> Iterator[LoadedBatch]:
     """`load_batch` for each (shard, records, last), `workers` batches at once, yielded in order, on `device`."""
     local = threading.local()
@@ -105,9 +107,9 @@ def load_batches(
             local.stream = torch.cuda.Stream(device) if on_cuda else None
         t0 = time.perf_counter()
         if not on_cuda:
-            return load_batch(shard, records, local.decoder, size, max_pixels, last)
+            return load_batch(shard, records, local.decoder, size, max_pixels, last, read_timeout)
         with torch.cuda.stream(local.stream):  # decode, orientation, resize: this worker's stream
-            batch = load_batch(shard, records, local.decoder, size, max_pixels, last)
+            batch = load_batch(shard, records, local.decoder, size, max_pixels, last, read_timeout)
             batch.images = _handed_over(batch.images, device, local.stream)
         batch.seconds = time.perf_counter() - t0
         return batch

@@ -15,6 +15,7 @@ loop (engine.scan.loop) so decoding never stalls between shards.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,16 +26,13 @@ from typing import Any
 from engine import __version__
 from engine.artifact import model_fingerprint
 from engine.errors import ConfigError
+from engine.faults import machine_faults
 from engine.inputs.decoders import make_decoder
-from engine.inputs.sources import (
-    Shard,
-    Source,
-    iter_shards,
-    open_source,
-    plan,
-    shard_count,
-)
+from engine.inputs.listing import LISTING_NAME, ListingSource, write_listing
+from engine.inputs.sources import Shard, Source, iter_shards, open_source, shard_count
 from engine.scan.batches import StageTimes
+from engine.scan.guard import ModelGuard
+from engine.scan.lock import LOCK_NAME, ScanLock
 from engine.scan.loop import run_shards
 from engine.scan.options import MODEL_BATCH, ScanOptions, resolve_model_batch
 from engine.scan.progress import Progress
@@ -43,6 +41,7 @@ from engine.scan.store import (
     ShardCounts,
     check_new_out_dir,
     encode_schema,
+    is_bookkeeping,
     rows_schema,
 )
 
@@ -89,6 +88,18 @@ class ScanJob:
     store: ScanStore
     options: ScanOptions
     done: set[int]
+    lock: ScanLock | None = None  # held from open_scan to close(): one writer per OUT_DIR
+
+    def close(self) -> None:
+        """Release OUT_DIR's lock (also done when the job is garbage-collected or the process ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> ScanJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def total(self) -> int:
@@ -117,6 +128,7 @@ class ScanJob:
             if missing:
                 raise ConfigError(f"cannot consolidate {self.store.out_dir}: shards {missing[:10]} are not done")
             self.store.consolidate(range(self.shards))
+        (self.store.out_dir / LISTING_NAME).unlink(missing_ok=True)
         return self.done_counts()
 
 
@@ -160,7 +172,7 @@ def _maps_attrs(model: Any, size: int) -> dict[str, Any]:
 
 
 def _is_fresh(out_dir: Path) -> bool:
-    return not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir()))
+    return not out_dir.exists() or (out_dir.is_dir() and not any(not is_bookkeeping(p.name) for p in out_dir.iterdir()))
 
 
 def open_scan(
@@ -171,17 +183,54 @@ def open_scan(
     *,
     resume: bool = False,
     model: Any = None,
+    say: Callable[[str], None] | None = None,
 ) -> ScanJob:
-    """Load the model, plan SOURCE (one streaming pass) and create OUT_DIR, or reopen it to resume."""
-    from engine.models.registry import load_model
+    """Load the model, plan SOURCE (one streaming pass) and create OUT_DIR, or reopen it to resume.
 
+    Takes OUT_DIR's lock first (engine.scan.lock): a second scan into it is refused (ScanLocked); the
+    job holds the lock until close()."""
     options.validate()
     out_dir = Path(out_dir)
+    if not resume and not (out_dir / LOCK_NAME).exists():
+        check_new_out_dir(out_dir)  # before any slow work (a locked folder: the lock says more)
+    lock = ScanLock.acquire(out_dir, say)
+    try:
+        job = _open_locked(model_dir, source, out_dir, options, resume, model)
+    except BaseException:
+        lock.release()
+        raise
+    job.lock = lock
+    return job
+
+
+def _open_locked(
+    model_dir: str | Path, source: str | Path, out_dir: Path, options: ScanOptions, resume: bool, model: Any
+) -> ScanJob:
+    from engine.models.registry import load_model
+
     if not resume:
-        check_new_out_dir(out_dir)  # before any slow work
+        check_new_out_dir(out_dir)  # again, under the lock
     src = open_source(source)
     model = model if model is not None else load_model(model_dir, device=options.device)
-    planned = plan(src)
+    for stale in out_dir.glob(LISTING_NAME + ".tmp-*"):  # left by a scan killed while planning
+        stale.unlink(missing_ok=True)
+    listing = out_dir / LISTING_NAME
+    tmp = listing.with_name(f"{LISTING_NAME}.tmp-{os.getpid()}")
+    try:
+        job = _create_or_reopen(model_dir, source, out_dir, options, resume, model, src, tmp)
+        os.replace(tmp, listing)  # shards are cut from what was listed, not from a second walk
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    job.source = ListingSource(src, listing)
+    return job
+
+
+def _create_or_reopen(
+    model_dir: str | Path, source: str | Path, out_dir: Path, options: ScanOptions, resume: bool, model: Any,
+    src: Source, listing: Path,
+) -> ScanJob:  # fmt: skip
+    planned = write_listing(src, listing)
     manifest = {
         "vade_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -232,17 +281,21 @@ def scan(
         raise ConfigError(f"unknown scan option: {exc}; known: {known}") from exc
     say = say or (lambda _msg: None)
     t0 = time.perf_counter()
-    job = open_scan(model_dir, source, out_dir, options, resume=resume)
-    counts = job.done_counts()
-    if job.done:
-        say(f"resuming: {len(job.done)} of {job.shards} shards ({counts.total} images) already done")
-    times = StageTimes()
-    if not job.store.is_complete():
-        progress = progress or Progress(job.total, quiet=quiet)
-        progress.begin(job.total, counts.total)
-        times = run_shards(job.model, job.pending_shards(), job.store, options, on_batch=progress.advance)
-        progress.close()
-    counts = job.finish()
+    with machine_faults(out_dir, model_dir), open_scan(model_dir, source, out_dir, options, resume=resume, say=say) as job:
+        counts = job.done_counts()
+        if job.done:
+            say(f"resuming: {len(job.done)} of {job.shards} shards ({counts.total} images) already done")
+        times = StageTimes()
+        if not job.store.is_complete():
+            progress = progress or Progress(job.total, quiet=quiet)
+            progress.begin(job.total, counts.total)
+            guard = ModelGuard(model_dir, job.store.manifest["model_fingerprint"])
+            times = run_shards(
+                job.model, job.pending_shards(), job.store, options, on_batch=progress.advance,
+                on_shard_done=lambda _shard, _counts: guard.check(),
+            )  # fmt: skip
+            progress.close()
+        counts = job.finish()
     decoder = make_decoder(options.decoder, job.model.device, options.batch_size).name
     return ScanResult(
         Path(out_dir), counts, job.total, job.shards, len(job.done), time.perf_counter() - t0, times, decoder,

@@ -15,7 +15,9 @@ import torch
 from engine.errors import DecodeError
 from engine.inputs.decode import cut_tiles, resize_batch, scaled_image
 from engine.inputs.decoders import Decoder
-from engine.inputs.inspection import ImageInfo, inspect_bytes, read_bytes
+from engine.inputs.inspection import ImageInfo, inspect_bytes
+from engine.inputs.reader import max_file_bytes, read_files
+from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 from engine.inputs.sources import Record, Shard
 from engine.scan.batches import LoadedBatch, TileChunk
 from engine.tiling import TileSpec
@@ -23,15 +25,23 @@ from engine.tiling import TileSpec
 DECODE_PIXEL_BUDGET = 64_000_000  # decoded full-size pixels held at once by the loader (~200 MB as RGB)
 
 
-def _read_and_inspect(records: list[Record], max_pixels: int) -> tuple[list[tuple[bytes, ImageInfo]], list[int], dict[int, str]]:
-    """(bytes and header of each readable file, its offset in records, offset -> error message)."""
+def _read_and_inspect(
+    records: list[Record], max_pixels: int, read_timeout: float
+) -> tuple[list[tuple[bytes, ImageInfo]], list[int], dict[int, str]]:
+    """(bytes and header of each readable file, its offset in records, offset -> error message).
+
+    The files are read in parallel, regular files only, each within read_timeout seconds
+    (engine.inputs.reader): a FIFO, a device or a hung read is an error row, never a stuck loader."""
     errors: dict[int, str] = {}
     items, offsets = [], []
+    reads = read_files([r.file if r.path else None for r in records], read_timeout, max_file_bytes(max_pixels))
     for offset, record in enumerate(records):
         try:
             if not record.path:
                 raise DecodeError("no path given for this input")
-            data = read_bytes(record.file)
+            data = reads[offset]
+            if isinstance(data, Exception):
+                raise data
             items.append((data, inspect_bytes(data, Path(record.file).suffix, max_pixels)))
             offsets.append(offset)
         except DecodeError as exc:
@@ -51,11 +61,12 @@ def _decode_items(
 
 
 def load_batch(
-    shard: Shard, records: list[Record], decoder: Decoder, size: int, max_pixels: int, last: bool
-) -> LoadedBatch:
+    shard: Shard, records: list[Record], decoder: Decoder, size: int, max_pixels: int, last: bool,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+) -> LoadedBatch:  # fmt: skip
     """Read, inspect, decode and resize one batch; each unreadable file becomes an error message."""
     t0 = time.perf_counter()
-    items, offsets, errors = _read_and_inspect(records, max_pixels)
+    items, offsets, errors = _read_and_inspect(records, max_pixels, read_timeout)
     resized: list[torch.Tensor] = []
     ok: list[int] = []
     sizes: dict[int, tuple[int, int]] = {}
@@ -73,13 +84,14 @@ def load_batch(
 
 
 def load_tiled_batches(
-    shard: Shard, records: list[Record], decoder: Decoder, max_pixels: int, last: bool, tiles: TileSpec
-) -> Iterator[LoadedBatch]:
+    shard: Shard, records: list[Record], decoder: Decoder, max_pixels: int, last: bool, tiles: TileSpec,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+) -> Iterator[LoadedBatch]:  # fmt: skip
     """The tiled form of load_batch: the records cut into consecutive batches that hold at most
     DECODE_PIXEL_BUDGET decoded pixels (a big image alone), each image at its layout's scaled size
     (batch.layouts, batch.scaled) for tile_chunks_of to cut."""
     t0 = time.perf_counter()
-    items, offsets, errors = _read_and_inspect(records, max_pixels)
+    items, offsets, errors = _read_and_inspect(records, max_pixels, read_timeout)
     groups = list(_pixel_groups(items)) or [[]]
     begin = 0
     for n, group in enumerate(groups):

@@ -37,6 +37,7 @@ from engine.scan.tiles import TileBatcher
 from engine.scan.writer import ShardWriter
 
 _DONE = object()
+WRITER_GRACE_S = 60.0  # on an early stop, how long the writer may take to finish the batch it is writing
 
 
 def _batches(shards: Iterable[Shard], batch_size: int) -> Iterator[tuple[Shard, list[Record], bool]]:
@@ -187,7 +188,7 @@ def run_shards(
 
     def load_tiled() -> bool:
         for shard, records, last in _batches(shards, options.batch_size):
-            for batch in load_tiled_batches(shard, records, decoder, options.max_pixels, last, tiles):
+            for batch in load_tiled_batches(shard, records, decoder, options.max_pixels, last, tiles, options.read_timeout):
                 # the batch, then its tiles: one group of decoded images and a few chunks in memory
                 if not _put(loaded_q, batch, stop):
                     return False
@@ -205,10 +206,11 @@ def run_shards(
             return
         if on_cuda:  # several loader workers, pinned copies (engine/scan/cuda_feed.py)
             loaded: Iterable[LoadedBatch] = cuda_feed.load_batches(
-                _batches(shards, options.batch_size), cuda_decoder, size, options.max_pixels, model.device, workers, stop
+                _batches(shards, options.batch_size), cuda_decoder, size, options.max_pixels, model.device, workers, stop,
+                options.read_timeout,
             )
         else:
-            loaded = (load_batch(shard, records, decoder, size, options.max_pixels, last)
+            loaded = (load_batch(shard, records, decoder, size, options.max_pixels, last, options.read_timeout)
                       for shard, records, last in _batches(shards, options.batch_size))  # fmt: skip
         for batch in loaded:
             if not _put(loaded_q, batch, stop):
@@ -216,7 +218,15 @@ def run_shards(
         _put(loaded_q, _DONE, stop)
 
     def write_all() -> None:
-        while (item := scored_q.get()) is not _DONE:
+        while True:
+            try:
+                item = scored_q.get(timeout=0.2)
+            except queue.Empty:
+                if stop.is_set():  # the loop stopped early (an interruption, a fault): write no more
+                    return
+                continue
+            if item is _DONE or stop.is_set():
+                return
             writer.write(item)
 
     if on_cuda:
@@ -266,6 +276,7 @@ def run_shards(
         loader.check()
     finally:
         stop.set()
+        writer_thread.join(timeout=WRITER_GRACE_S)  # a batch being written is finished: a clean stopping point
         stage.close()
     times.write = writer.seconds
     times.loop = time.perf_counter() - started

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import ConfigError
-from engine.inputs.settings import DEFAULT_MAX_PIXELS
+from engine.inputs.settings import DEFAULT_MAX_PIXELS, DEFAULT_READ_TIMEOUT_S
 
 MODEL_BATCH = {"cpu": 8, "cuda": 64}  # images per backbone call, fixed per device type (determinism)
 
@@ -27,6 +27,7 @@ class ScanOptions:
     write_queue: int = 4  # scored batches waiting for the writer
     decode_threads: int = 1  # DALI worker threads; keep light on small CPUs (torch uses the cores)
     feed_workers: int = 0  # CUDA only: loader threads, batches decoded at once (0 = min(8, cores))
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S  # seconds one file's read may take before it is an error row
 
     def validate(self) -> None:
         checks = (("batch_size", 1), ("shard_size", 1), ("max_pixels", 1), ("decode_threads", 1), ("model_batch", 0),
@@ -35,6 +36,10 @@ class ScanOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.read_timeout, bool) or not isinstance(self.read_timeout, (int, float)) or not (
+            0 < self.read_timeout < float("inf")
+        ):
+            raise ConfigError(f"read_timeout must be a number of seconds > 0, got {self.read_timeout!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         from engine.inputs.decoders import check_decoder

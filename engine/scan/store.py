@@ -2,6 +2,8 @@
 (engine.scan.writer turns scored batches into both).
 
     OUT_DIR/scan.json             what this scan is (model, source, counts, settings) and its state
+    OUT_DIR/scan.lock             while a scan runs: its lock and holder (engine.scan.lock)
+    OUT_DIR/_listing.parquet      until the scan is complete: SOURCE as listed, the shards' records (engine.inputs.listing)
     OUT_DIR/maps.zarr             group; array `maps` (N, H, W) float16, one chunk per image, Blosc (byte shuffle + zstd level 1)
     OUT_DIR/_parts/shard-K.parquet  rows of shard K, written whole (temp file + rename)
     OUT_DIR/_done/shard-K.json      shard K's completion marker, written after its maps and rows
@@ -29,11 +31,14 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from engine.errors import ConfigError
+from engine.inputs.listing import LISTING_NAME
+from engine.scan.lock import LOCK_NAME
 
 SCAN_FORMAT = "vade-scan/1"
 CONTRACT_SCHEMA = pa.schema(
     [
-        ("path", pa.string()),
+        ("path", pa.string()),  # as given; a name that is not UTF-8 shows its bytes as \xNN here
+        ("path_bytes", pa.binary()),  # the path's raw bytes (os.fsencode) when it is not UTF-8, else null
         ("index", pa.int64()),  # position in maps.zarr; -1 when the row has no map
         ("score", pa.float32()),  # normalised: 0.5 == the model's calibrated threshold
         ("is_anomalous", pa.bool_()),  # raw_score >= threshold; False for error rows
@@ -68,16 +73,32 @@ def _tmp_name(path: Path) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)  # a full disk keeps no half-written temporary file
+        raise
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def is_bookkeeping(name: str) -> bool:
+    """A file a scan writes into OUT_DIR before its store exists (its lock, its listing being written)."""
+    return name == LOCK_NAME or name.startswith(LISTING_NAME)
 
 
 def check_new_out_dir(out_dir: Path) -> None:
     """Refuse an existing non-empty OUT_DIR: a scan is never overwritten."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and (not out_dir.is_dir() or any(not is_bookkeeping(p.name) for p in out_dir.iterdir())):
         raise ConfigError(
             f"output folder {out_dir} already exists and is not empty; pass --resume to finish the scan "
             "written there, or choose a new --out (vade never overwrites a scan)"
@@ -195,8 +216,12 @@ class ScanStore:
     def finish_shard(self, shard_id: int, start: int, rows: pa.Table, counts: ShardCounts) -> None:
         """Rows then marker, each written atomically; call after the shard's maps are written."""
         tmp = _tmp_name(self._part(shard_id))
-        pq.write_table(rows, tmp, compression="zstd")
-        os.replace(tmp, self._part(shard_id))
+        try:
+            pq.write_table(rows, tmp, compression="zstd")
+            os.replace(tmp, self._part(shard_id))
+        except BaseException:
+            _discard(tmp)
+            raise
         marker = {"shard": shard_id, "start": start, "stop": start + rows.num_rows, **counts.__dict__}
         _write_atomic(self._marker(shard_id), json.dumps(marker).encode())
 
@@ -232,6 +257,15 @@ def utf8_path(path: str) -> str:
         return path
     except UnicodeEncodeError:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def raw_path(path: str) -> bytes | None:
+    """The path's bytes as on disk (os.fsencode) when it is not valid UTF-8 (the `path_bytes` column), else None."""
+    try:
+        path.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return os.fsencode(path)
 
 
 def output_name(source_column: str) -> str:

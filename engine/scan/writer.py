@@ -14,7 +14,14 @@ import numpy as np
 
 from engine.inputs.sources import Shard
 from engine.scan.batches import ScoredBatch
-from engine.scan.store import ScanStore, ShardCounts, output_name, shard_rows, utf8_path
+from engine.scan.store import (
+    ScanStore,
+    ShardCounts,
+    output_name,
+    raw_path,
+    shard_rows,
+    utf8_path,
+)
 
 
 class ShardWriter:
@@ -49,6 +56,7 @@ class ShardWriter:
             i = result_of.get(offset)
             width, height = loaded.sizes.get(offset, (None, None))
             cols["path"].append(utf8_path(record.path))
+            cols["path_bytes"].append(raw_path(record.path))
             cols["index"].append(record.position if i is not None else -1)
             cols["score"].append(float(scored.scores[i]) if i is not None else None)
             cols["is_anomalous"].append(bool(scored.anomalous[i]) if i is not None else False)
