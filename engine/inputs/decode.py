@@ -75,11 +75,12 @@ def read_rgb(
     verb that reads images outside a scan (fit, eval, calibrate). Regular files only, each read within
     `read_timeout` seconds (engine.inputs.reader).
 
-    Raises DecodeError with a message that says what is wrong with the file.
+    Raises DecodeError with a message that says what is wrong with the file. The array is the
+    caller's to change (a writable copy; the scan's decoders use decode_pillow's read-only one).
     """
     data = read_bytes(path, read_timeout, max_file_bytes(max_pixels))
     inspect_bytes(data, Path(path).suffix, max_pixels)
-    return decode_pillow(data)
+    return np.array(decode_pillow(data))
 
 
 def _box_reduce(chw: torch.Tensor, factor: int) -> torch.Tensor:

@@ -40,6 +40,7 @@ class PatchCore(AnomalyModel):
         for fmaps in batches:
             rows = to_rows(patchcore_embedding(fmaps)).float().cpu()
             if rows_store is None:
+                self._fit_grid = tuple(fmaps[0].shape[-2:])  # patch grid per image (tile)
                 per_image = rows.shape[0] // fmaps[0].shape[0]
                 total = per_image * n_images
                 dtype = torch.float32 if total * rows.shape[1] * 4 <= EMBEDDING_FP32_BUDGET else torch.float16
@@ -132,16 +133,42 @@ class PatchCore(AnomalyModel):
         return emb if self._column_scale is None else emb * self._column_scale
 
     def _select_coreset(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Greedy k-center on a seeded Gaussian random projection of the embeddings."""
+        """Greedy k-center on a seeded Gaussian random projection of the embeddings, among the
+        candidate rows (all, or the thinned patch grid: coreset_candidates)."""
         n_total = embeddings.shape[0]
         n_keep = max(1, min(n_total, round(self.cfg.coreset_ratio * n_total)))
-        if n_keep == n_total:
-            return torch.arange(n_total), 0.0
+        candidates = self._coreset_candidates(n_total)
+        if candidates is not None:
+            embeddings = embeddings[candidates]
+            n_keep = min(n_keep, embeddings.shape[0])
+        if n_keep == embeddings.shape[0]:
+            picks = torch.arange(n_keep)
+            return (picks if candidates is None else candidates[picks]), 0.0
         projected, start = project_for_coreset(embeddings, self.cfg.projection_dim, self.cfg.seed)
         if self.device.type == "cuda":
             projected = projected.to(self.device)
         picks, radius = coreset.greedy_kcenter_with_radius(projected, n_keep, start=start)
-        return picks.cpu(), radius
+        picks = picks.cpu()
+        return (picks if candidates is None else candidates[picks]), radius
+
+    def _coreset_candidates(self, n_total: int) -> torch.Tensor | None:
+        """Rows the coreset picks from when there are more than `coreset_candidates`: every s-th row
+        and column of each image's (tile's) patch grid, s the smallest stride that brings them under
+        the limit. Neighbouring patches overlap, so a thinned grid still has a row within one patch
+        step of every patch; the picks are exact greedy k-center among the candidates (the covering
+        radius over all rows is measured in benchmarks/coreset_thinning.py). None: all rows."""
+        limit = self.cfg.coreset_candidates
+        grid = getattr(self, "_fit_grid", None)
+        if not limit or n_total <= limit or grid is None:
+            return None
+        h, w = grid
+        stride = 2
+        while n_total / stride**2 > limit and stride < min(h, w):
+            stride += 1
+        cell = torch.arange(n_total) % (h * w)
+        keep = ((cell // w) % stride == 0) & ((cell % w) % stride == 0)
+        self.fit_stats["coreset_candidate_stride"] = stride
+        return keep.nonzero().squeeze(1)
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.bank = bank.contiguous().to(self.device)
