@@ -1,7 +1,7 @@
 """Patch density sweep: accuracy, fit time and scan speed of PatchCore at several tile sizes.
 
     python benchmarks/resolution_sweep.py [--data ../shared/data] [--only pcb:512 bottle:256 ...]
-                                          [--squash] [--out NAME.json]
+                                          [--squash] [--out NAME.json] [--keep DIR]
 
 For each (category, side): fit PatchCore with the defaults but tile_size = side (the image's short
 side scaled to it, so these square images are one tile of side x side; --squash: tile_size 0 and
@@ -9,11 +9,14 @@ input_size = side, the whole-image path), `evaluate` the test split (pixel metri
 resolution), and time a one-process CPU scan of the test split (end to end, model load included).
 Categories: bottle (MVTec, 256 px files), pcb (DeepPCB, 256 px files), pcb640 (DeepPCB, native 640 px).
 Writes benchmarks/results/resolution_sweep_cpu.json (or --out), one row per point, as each finishes.
+--keep DIR keeps each point's model and scan (DIR/NAME_SIDE, DIR/scan_NAME_SIDE) for later study
+(benchmarks/multiscale.py combines two points' scans).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -32,11 +35,12 @@ ROOTS = {"bottle": ("mvtec_bottle", "bottle"), "pcb": ("deeppcb", "pcb"), "pcb64
 DEFAULT_POINTS = [f"{c}:{s}" for c in ("bottle", "pcb", "pcb640") for s in (256, 384, 512, 640)]
 
 
-def run_point(data: Path, name: str, side: int, squash: bool, work: Path) -> dict:
+def run_point(data: Path, name: str, side: int, squash: bool, work: Path, keep: bool) -> dict:
     folder, category = ROOTS[name]
     root = data / folder
     overrides = {"device": "cpu", "tile_size": 0, "input_size": side} if squash else {"device": "cpu", "tile_size": side}
     cfg = load_config(overrides=overrides)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     model = fit(train_images(root, category), cfg)
     fit_s = time.perf_counter() - t0
@@ -47,7 +51,8 @@ def run_point(data: Path, name: str, side: int, squash: bool, work: Path) -> dic
     t1 = time.perf_counter()
     scanned = scan(model_dir, str(root / category / "test"), out, device="cpu")
     scan_s = time.perf_counter() - t1
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     stats = {k: v for k, v in model.fit_stats.items() if k != "skipped"}
     row = {
         "category": name,
@@ -68,6 +73,7 @@ def run_point(data: Path, name: str, side: int, squash: bool, work: Path) -> dic
         "scan_images": scanned.total,
         "scan_stage_seconds": scanned.times.as_dict(),
         "per_defect": result["per_defect"],
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print({k: v for k, v in row.items() if k not in ("per_defect", "scan_stage_seconds")}, flush=True)
     return row
@@ -79,12 +85,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=DEFAULT_POINTS)
     parser.add_argument("--squash", action="store_true", help="whole-image models at input_size = side")
     parser.add_argument("--out", default="resolution_sweep_cpu.json")
+    parser.add_argument("--keep", help="folder that keeps every point's model and scan")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="vade_sweep_") as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for item in args.only:
             name, side = item.split(":")
-            rows.append(run_point(Path(args.data), name, int(side), args.squash, Path(tmp)))
+            rows.append(run_point(Path(args.data), name, int(side), args.squash, work, bool(args.keep)))
             write_result(args.out, {"results": rows})
     print(Path(__file__).resolve().parent / "results" / args.out)
 
