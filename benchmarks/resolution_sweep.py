@@ -1,7 +1,7 @@
 """Patch density sweep: accuracy, fit time and scan speed of PatchCore at several tile sizes.
 
     python benchmarks/resolution_sweep.py [--data ../shared/data] [--only pcb:512 bottle:256 ...]
-                                          [--squash] [--out NAME.json] [--keep DIR]
+                                          [--squash] [--out NAME.json] [--keep DIR] [--set KEY=VALUE ...]
 
 For each (category, side): fit PatchCore with the defaults but tile_size = side (the image's short
 side scaled to it, so these square images are one tile of side x side; --squash: tile_size 0 and
@@ -10,7 +10,8 @@ resolution), and time a one-process CPU scan of the test split (end to end, mode
 Categories: bottle (MVTec, 256 px files), pcb (DeepPCB, 256 px files), pcb640 (DeepPCB, native 640 px).
 Writes benchmarks/results/resolution_sweep_cpu.json (or --out), one row per point, as each finishes.
 --keep DIR keeps each point's model and scan (DIR/NAME_SIDE, DIR/scan_NAME_SIDE) for later study
-(benchmarks/multiscale.py combines two points' scans).
+(benchmarks/multiscale.py combines two points' scans). --set overrides config keys at every point
+(e.g. coreset_candidates=0: the exact greedy over all training patches); they are recorded per row.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,11 +38,11 @@ ROOTS = {"bottle": ("mvtec_bottle", "bottle"), "pcb": ("deeppcb", "pcb"), "pcb64
 DEFAULT_POINTS = [f"{c}:{s}" for c in ("bottle", "pcb", "pcb640") for s in (256, 384, 512, 640)]
 
 
-def run_point(data: Path, name: str, side: int, squash: bool, work: Path, keep: bool) -> dict:
+def run_point(data: Path, name: str, side: int, squash: bool, work: Path, keep: bool, extra: dict) -> dict:
     folder, category = ROOTS[name]
     root = data / folder
     overrides = {"device": "cpu", "tile_size": 0, "input_size": side} if squash else {"device": "cpu", "tile_size": side}
-    cfg = load_config(overrides=overrides)
+    cfg = load_config(overrides={**overrides, **extra})
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     model = fit(train_images(root, category), cfg)
@@ -58,6 +61,7 @@ def run_point(data: Path, name: str, side: int, squash: bool, work: Path, keep: 
         "category": name,
         "side": side,
         "mode": "squash" if squash else "tiled",
+        "overrides": extra,
         "image_auroc": result["image_auroc"],
         "pixel_auroc": result["pixel_auroc"],
         "aupro": result["aupro"],
@@ -86,14 +90,16 @@ def main() -> None:
     parser.add_argument("--squash", action="store_true", help="whole-image models at input_size = side")
     parser.add_argument("--out", default="resolution_sweep_cpu.json")
     parser.add_argument("--keep", help="folder that keeps every point's model and scan")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (YAML values)")
     args = parser.parse_args()
+    extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     rows = []
     with tempfile.TemporaryDirectory(prefix="vade_sweep_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for item in args.only:
             name, side = item.split(":")
-            rows.append(run_point(Path(args.data), name, int(side), args.squash, work, bool(args.keep)))
+            rows.append(run_point(Path(args.data), name, int(side), args.squash, work, bool(args.keep), extra))
             write_result(args.out, {"results": rows})
     print(Path(__file__).resolve().parent / "results" / args.out)
 
