@@ -6,12 +6,17 @@ fit:   patch embeddings of every training image -> per-layer weights (`layer_bal
 score: patch score = distance to the nearest bank row; map = patch scores upsampled to the input and
        blurred (sigma 4); image score = the max patch score reweighted by 1 - softmax over the distances
        from that patch to the `num_neighbors` bank rows nearest its nearest bank row (the paper's eq. 7).
+owner: `bank_owner[j]` is the training image (its index in the fit's image list) that bank row j came
+       from; tiles of one image share it. Scoring with `loo_owner` (one owner per image or tile)
+       excludes those rows: a training image's leave-one-out score, as if the bank had been built
+       without it (the bank's own neighbour table for the reweighting is kept as it is). Files from
+       before owners were kept load with `bank_owner = None` and cannot score leave-one-out.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -32,8 +37,11 @@ class PatchCore(AnomalyModel):
 
     bank: torch.Tensor
     bank_sq_norms: torch.Tensor
+    bank_owner: torch.Tensor | None = None  # (M,) int32: the training image of each bank row
 
-    def fit_features(self, batches: Iterable[list[torch.Tensor]], n_images: int) -> None:
+    def fit_features(
+        self, batches: Iterable[list[torch.Tensor]], n_images: int, owners: Sequence[int] | None = None
+    ) -> None:
         t0 = time.perf_counter()
         rows_store: torch.Tensor | None = None
         filled = 0
@@ -52,6 +60,12 @@ class PatchCore(AnomalyModel):
         t1 = time.perf_counter()
         picks, radius = self._weighted_coreset(embeddings)
         t2 = time.perf_counter()
+        self.bank_owner = None
+        if owners is not None:  # filled while `batches` was read: one owner per image (tile)
+            per_unit = self._fit_grid[0] * self._fit_grid[1]
+            unit_owner = torch.as_tensor(list(owners), dtype=torch.int32)
+            if unit_owner.numel() * per_unit == embeddings.shape[0]:
+                self.bank_owner = unit_owner.repeat_interleave(per_unit)[picks].contiguous()
         self._set_bank(embeddings[picks].float())
         self.fit_stats.update(
             training_patches=int(embeddings.shape[0]),
@@ -182,7 +196,7 @@ class PatchCore(AnomalyModel):
         """Build the CPU index (and, for tiles, the bank's neighbour table) now, once, so threads that
         score at the same time share them."""
         if self.device.type != "cuda" and self._index is None:
-            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed)
+            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed, owner=self.bank_owner)
         if self.cfg.tile_size and self._support is None:
             self._support = self._neighbour_table()
 
@@ -193,19 +207,32 @@ class PatchCore(AnomalyModel):
         parts = [self.nearest(self.bank[start : start + 8192], k)[1] for start in range(0, self.bank.shape[0], 8192)]
         return torch.cat(parts)
 
-    def nearest(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k nearest bank rows: the fused kernel on CUDA, a pruned cell index on CPUs."""
+    def nearest(
+        self, rows: torch.Tensor, k: int, query_owner: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k nearest bank rows: the fused kernel on CUDA, a pruned cell index on CPUs;
+        `query_owner` (per row) excludes bank rows of that owner."""
         if self.device.type == "cuda":
-            return knn.topk(rows, self.bank, k, bank_sq_norms=self.bank_sq_norms, bank_lowp=self._bank_lowp)
+            owners = {} if query_owner is None else dict(query_owner=query_owner, bank_owner=self.bank_owner)
+            return knn.topk(rows, self.bank, k, bank_sq_norms=self.bank_sq_norms, bank_lowp=self._bank_lowp, **owners)
         if self._index is None:
-            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed)
-        return self._index.search(rows, k)
+            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed, owner=self.bank_owner)
+        return self._index.search(rows, k, query_owner=query_owner)
 
-    def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
+    def _row_owner(self, loo_owner: torch.Tensor | None, per_image: int) -> torch.Tensor | None:
+        """Per-patch owners from per-image (tile) owners; None without leave-one-out."""
+        if loo_owner is None:
+            return None
+        if self.bank_owner is None:
+            raise ValueError("this PatchCore model keeps no bank owners (fitted before vade 0.4): "
+                             "it cannot score leave-one-out; calibrate it on held-out images")
+        return torch.as_tensor(loo_owner, dtype=torch.int32).repeat_interleave(per_image)
+
+    def score_features(self, feature_maps: list[torch.Tensor], loo_owner: torch.Tensor | None = None) -> ScoreOutput:
         emb = self._embed(feature_maps)
         b, c, h, w = emb.shape
         rows = to_rows(emb)
-        dist, idx = self.nearest(rows, 1)
+        dist, idx = self.nearest(rows, 1, self._row_owner(loo_owner, h * w))
         patch_scores = dist[:, 0].view(b, h * w)
         image_scores = self._reweighted_max(patch_scores, idx[:, 0].view(b, h * w), rows.view(b, h * w, c))
         maps = grid_to_map(patch_scores.view(b, h, w), self.input_size, self.cfg.blur_sigma)
@@ -225,13 +252,13 @@ class PatchCore(AnomalyModel):
         weights = 1.0 - torch.softmax(dists, dim=1)[:, 0]
         return weights * score
 
-    def tile_grids(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+    def tile_grids(self, feature_maps: list[torch.Tensor], loo_owner: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 2, h, w): patch scores, and per patch the reweighting factor the image score applies
         when that patch is the worst (1 - softmax over its distances to its nearest entry's support)."""
         emb = self._embed(feature_maps)
         b, c, h, w = emb.shape
         rows = to_rows(emb)
-        dist, idx = self.nearest(rows, 1)
+        dist, idx = self.nearest(rows, 1, self._row_owner(loo_owner, h * w))
         factor = torch.ones_like(dist[:, 0])
         if min(self.cfg.num_neighbors, self.bank.shape[0]) > 1:
             self.prepare_scoring()
@@ -243,9 +270,16 @@ class PatchCore(AnomalyModel):
         return torch.stack([dist[:, 0].view(b, h, w), factor.view(b, h, w)], dim=1).float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"bank": self.bank.detach().float().cpu().contiguous(), "column_weights": self.column_weights.contiguous()}
+        out = {"bank": self.bank.detach().float().cpu().contiguous(), "column_weights": self.column_weights.contiguous()}
+        if self.bank_owner is not None:
+            out["bank_owner"] = self.bank_owner.to(torch.int32).cpu().contiguous()
+        return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        owner = tensors.get("bank_owner")  # absent in files from before leave-one-out
+        if owner is not None and owner.shape != tensors["bank"].shape[:1]:
+            raise ValueError(f"bank_owner has {owner.shape[0]} rows, the bank {tensors['bank'].shape[0]}")
+        self.bank_owner = None if owner is None else owner.to(torch.int32)
         self._set_bank(tensors["bank"].float())
         # Files from before layer balancing hold no weights: their banks are unweighted.
         self._set_column_weights(tensors.get("column_weights", torch.ones(self.bank.shape[1])))

@@ -26,7 +26,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", weight
         overrides = {"weights": str(weights)} if weights else {}
         # Files written before `precision`, layer balancing and tiling existed: fp32 CPU features,
         # raw layers, whole-image squash.
-        old = {"precision": "fp32", "layer_balance": "none", "tile_size": 0}
+        old = {"precision": "fp32", "layer_balance": "none", "tile_size": 0, "calibration": "holdout"}
         cfg = config_from_dict({**old, **meta["config"], **overrides}).resolved()
     except ConfigError as exc:
         raise ModelFileError(f"{model_dir / META_FILE} has an invalid config: {exc}") from exc
