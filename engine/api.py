@@ -199,6 +199,19 @@ def _finite(feature_maps: list[torch.Tensor], cfg: FitConfig) -> list[torch.Tens
     return feature_maps
 
 
+def history_event(event: str, images: int, model: AnomalyModel, **extra: object) -> dict:
+    """One entry of a model's history (model.json "history"), with the calibration it left."""
+    from datetime import datetime, timezone
+
+    from engine import __version__
+
+    cal = model.calibration
+    return {"event": event, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "images": images,
+            "vade_version": __version__, "threshold": None if cal is None else cal.threshold,
+            "calibration_source": None if cal is None else cal.source, "calibration_n": None if cal is None else cal.n,
+            "certified_rate": None if cal is None else cal.certified_rate, **extra}
+
+
 def fit(
     images: Sequence[str | Path],
     cfg: FitConfig | None = None,
@@ -263,6 +276,7 @@ def fit(
         seconds_fit=round(t1 - t0, 3),
         seconds_calibration=round(time.perf_counter() - t1, 3),
     )
+    model.history = [history_event("fitted", len(paths) - len(skipped), model)]
     say(f"fit done in {time.perf_counter() - t0:.1f} s; threshold {model.threshold:.4g} ({source})")
     say(model.calibration.statement())
     return model

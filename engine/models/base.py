@@ -68,6 +68,9 @@ class AnomalyModel(ABC):
         self.extractor = extractor.to(self.device, memory_format=torch.channels_last)
         self.calibration: Calibration | None = None
         self.fit_stats: dict = {}
+        # What was done to the model, oldest first: {"event": fitted | calibrated | updated, "when",
+        # "images", "vade_version", ...}; saved in model.json, so a file's scores stay explainable.
+        self.history: list[dict] = []
 
     # ---- the surface the pipeline uses
 
@@ -161,6 +164,7 @@ class AnomalyModel(ABC):
             "resize": self._resize_policy(),
             "config": self.cfg.to_dict(),
             "fit": dict(self.fit_stats),
+            "history": [dict(event) for event in self.history],
         }
         meta.update(self.extra_meta())
         if self.calibration is not None:

@@ -39,4 +39,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", weight
     model.load_tensors(tensors)
     model.calibration = Calibration.from_dict(meta["calibration"])
     model.fit_stats = dict(meta.get("fit", {}))
+    # Files from before the history was kept: their fit is the one event known.
+    model.history = list(meta.get("history") or [
+        {"event": "fitted", "when": meta.get("created"), "images": model.fit_stats.get("train_images"),
+         "vade_version": meta.get("vade_version")}])
     return model
