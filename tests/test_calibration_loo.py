@@ -127,3 +127,23 @@ def test_padim_fit_calibrates_leave_one_out(demo_train: list[Path]) -> None:
     assert isinstance(model, PaDiM)
     assert model.calibration.source == "loo" and model.calibration.n == 10
     assert model.fit_stats["training_images"] == len(demo_train)
+
+
+def test_report_eval_and_scan_say_how_sure_the_threshold_is() -> None:
+    from engine.evaluation.evaluate import false_alarms, format_table
+    from engine.report.page import false_alarm_note
+    from engine.scan.job import threshold_note
+
+    few = calibrate(np.arange(40.0), 0.01, "loo")  # vade demo: 40 training images
+    note = false_alarm_note(5, 10, few.to_dict())
+    assert "5 (50.0%" in note and "40 calibration images cannot certify 1.0%" in note
+    assert "above what the threshold promises" in note  # 50%, interval 18.7-81.3%, far above 2.4%
+    enough = calibrate(np.arange(300.0), 0.05, "loo")
+    assert "above what" not in false_alarm_note(16, 300, enough.to_dict())
+    assert "no certified rate" in false_alarm_note(1, 20, {"source": "holdout", "threshold": 1.0})
+    far = false_alarms(np.array([1.0, 500.0, 2.0]), enough)
+    assert far["flagged"] == 1 and far["good"] == 3 and far["certified_rate"] == enough.certified_rate
+    table = format_table({"n_images": 3, "n_good": 3, "false_alarms": far})
+    assert "false alarms on good images: 1 of 3" in table and "certified 4.98% by 300 loo images" in table
+    assert "certifies an expected false-alarm rate <= 4.98%" in threshold_note({"calibration": enough.to_dict()})
+    assert "no certified" in threshold_note({"calibration": {"source": "holdout", "normal_scores": [1, 2]}})
