@@ -81,3 +81,103 @@ def recalibrate(
     model.calibration = calibrate(scores, rate, "calibrate")
     model.history.append(history_event("calibrated", len(paths), model, source=str(images)))
     return model, save_as(model, model_dir, target)
+
+
+def _decode_all(paths: Sequence[Path], read_timeout: float) -> list:
+    from engine.errors import DecodeError
+    from engine.inputs.decode import read_rgb
+
+    decoded = []
+    for path in paths:
+        try:
+            decoded.append(read_rgb(path, read_timeout=read_timeout))
+        except DecodeError as exc:
+            raise DataError(f"cannot read {path}: {exc}; remove or fix it") from exc
+    return decoded
+
+
+def _patch_rows(model: AnomalyModel, decoded: list, first_owner: int):
+    """Weighted patch rows of every image (every tile), their owners, and the patch grid per tile."""
+    import torch
+
+    from engine.features.embeddings import to_rows
+    from engine.inputs.decode import pixels_tensor, tile_chunks, to_tensor
+
+    rows, owners, grid = [], [], (0, 0)
+    spec = model.tile_spec
+    for i, pixels in enumerate(decoded):
+        if spec is None:
+            chunks = [to_tensor([pixels], model.input_size)]
+        else:
+            tensor = pixels_tensor(pixels)
+            layout = spec.layout(int(tensor.shape[0]), int(tensor.shape[1]))
+            chunks = [chunk for _, chunk in tile_chunks(tensor, layout, model.cfg.batch_size)]
+        for chunk in chunks:
+            emb = model._embed(model.features(chunk))  # type: ignore[attr-defined]
+            grid = tuple(emb.shape[-2:])
+            part = to_rows(emb).float().cpu()
+            rows.append(part)
+            owners.append(torch.full((part.shape[0],), first_owner + i, dtype=torch.int32))
+    return torch.cat(rows), torch.cat(owners), grid
+
+
+def update(
+    model_dir: str | Path,
+    images: str | Path,
+    out: str | Path | None = None,
+    force: bool = False,
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+    device: str = "auto",
+) -> tuple[AnomalyModel, Path, dict]:
+    """Add confirmed-normal IMAGES to MODEL_DIR without a refit, then recalibrate; (model, where, what was done).
+
+    PatchCore: the bank grows by the fit's greedy k-center continued over the new patches down to its
+    recorded covering radius; PaDiM: the Gaussians absorb the new images' statistics. The threshold is
+    then recomputed from the previous calibration scores pooled with the new images' leave-one-out scores."""
+    import torch
+
+    from engine.api import loo_scores
+    from engine.models.padim import PaDiM
+    from engine.models.patchcore import PatchCore
+
+    model_dir = Path(model_dir)
+    target = output_dir(model_dir, Path(out) if out is not None else None, force, "update")
+    model = load_model(model_dir, device)
+    paths = source_paths(images)
+    decoded = _decode_all(paths, read_timeout)
+    old = model.calibration
+    assert old is not None
+    can_loo = True
+    with torch.inference_mode():
+        if isinstance(model, PatchCore):
+            first = int(model.bank_owner.max()) + 1 if model.bank_owner is not None else 0
+            can_loo = model.bank_owner is not None
+            rows, owners, grid = _patch_rows(model, decoded, first)
+            try:
+                info = model.extend_bank(rows, owners, grid)
+            except ValueError as exc:
+                raise VadeError(f"cannot update {model_dir}: {exc}") from exc
+        elif isinstance(model, PaDiM):
+            first = int(model.fit_stats.get("training_images", 0))
+            from engine.inputs.decode import to_tensor
+
+            size, batch = model.input_size, model.cfg.batch_size
+            batches = (model.features(to_tensor(decoded[i : i + batch], size)) for i in range(0, len(decoded), batch))
+            try:
+                info = model.update_stats(batches)
+            except ValueError as exc:
+                raise VadeError(f"cannot update {model_dir}: {exc}") from exc
+        else:  # pragma: no cover - every method is one of the two
+            raise VadeError(f"vade update does not know method {model.method!r}")
+    new_scores: list[float] = []
+    if can_loo:
+        skipped: list[tuple[str, str]] = []
+        new_scores = [float(s) for s in loo_scores(model, paths, list(range(first, first + len(paths))), skipped,
+                                                   read_timeout)]
+    pooled = [*old.normal_scores, *new_scores]
+    rate = old.target_rate or model.cfg.target_false_alarm_rate
+    model.calibration = calibrate(pooled, rate, f"{old.source}+update" if new_scores else old.source)
+    model.fit_stats["train_images"] = int(model.fit_stats.get("train_images", 0)) + len(paths)
+    info["new_loo_scores"] = len(new_scores)
+    model.history.append(history_event("updated", len(paths), model, source=str(images), **info))
+    return model, save_as(model, model_dir, target), info

@@ -78,3 +78,58 @@ def test_calibrate_refuses_with_one_line(fitted: Path, demo_root: Path, tmp_path
     assert "cannot read" in refused(str(fitted), str(broken), "--out", str(tmp_path / "o"))
     assert "--target-far" in refused(str(fitted), str(images), "--target-far", "0.9", "--out", str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def _halves(demo_root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    images = sorted((demo_root / "weave" / "train" / "good").iterdir())
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, part in ((first, images[::2]), (second, images[1::2])):
+        folder.mkdir()
+        for p in part:
+            shutil.copy(p, folder / p.name)
+    return first, second
+
+
+def test_update_grows_the_bank_to_the_covering_radius(demo_root: Path, tmp_path: Path) -> None:
+    first, second = _halves(demo_root, tmp_path)
+    half = tmp_path / "half"
+    run = vade("fit", str(first), "--out", str(half), "--input-size", "64", "--coreset-ratio", "0.1", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    run = vade("update", str(half), str(second), "--out", str(tmp_path / "up"), "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    before = json.loads((half / "model.json").read_text())
+    after = json.loads((tmp_path / "up" / "model.json").read_text())
+    event = after["history"][-1]
+    assert [e["event"] for e in after["history"]] == ["fitted", "updated"] and event["images"] == 8
+    assert after["bank_size"] == before["bank_size"] + event["added"] > before["bank_size"]
+    assert event["new_rows_radius_after"] <= event["covering_radius_projected"] * (1 + 1e-4)
+    assert after["tensors"]["bank_owner"]["shape"] == [after["bank_size"]]
+    assert after["calibration"]["n"] == 16 and after["calibration"]["source"] == "loo+update"
+    refused = vade("update", str(half), str(second), "--out", str(tmp_path / "up"))
+    assert refused.returncode == 2 and "already exists" in refused.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    refused = vade("update", str(half), str(broken), "--out", str(tmp_path / "o"))
+    assert refused.returncode == 2 and "cannot read" in refused.stderr and "Traceback" not in refused.stderr
+    refused = vade("update", str(tmp_path / "first"), str(second), "--out", str(tmp_path / "o"))
+    assert refused.returncode == 2 and "not a vade model directory" in refused.stderr
+
+
+def test_padim_update_equals_a_fit_on_all_images(demo_root: Path, tmp_path: Path) -> None:
+    import torch
+
+    from engine.api import fit
+    from engine.config import FitConfig
+    from engine.lifecycle import update
+    from engine.models.registry import load_model
+
+    first, second = _halves(demo_root, tmp_path)
+    cfg = FitConfig(method="padim", input_size=64, device="cpu", precision="fp32")
+    fit(sorted(first.iterdir()), cfg).save(tmp_path / "half")
+    updated, _, info = update(tmp_path / "half", second, out=tmp_path / "up", device="cpu")
+    assert info["added"] == 8 and info["training_images"] == 16
+    full = fit(sorted(first.iterdir()) + sorted(second.iterdir()), cfg)
+    torch.testing.assert_close(updated.mean, full.mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(updated.precision, full.precision, rtol=1e-3, atol=1e-3)
+    assert load_model(tmp_path / "up").history[-1]["event"] == "updated"

@@ -106,6 +106,38 @@ class PaDiM(AnomalyModel):
         maps = grid_to_map(dist.view(b, h, w), self.input_size, self.cfg.blur_sigma)
         return ScoreOutput(maps.amax(dim=(1, 2)).float(), maps.float())
 
+    def update_stats(self, batches: Iterable[list[torch.Tensor]]) -> dict:
+        """`vade update`: add normal images to the per-position Gaussians. The sufficient statistics
+        (n, sum, sum of outer products) are recovered from the stored mean and precision: S =
+        inverse(precision) - eps I (well conditioned: eps regularises it), so nothing more is stored (the
+        outer products in float64 would be P x D x D x 8 bytes, 1 GB at 4,096 x 176, four times the
+        model); the float32 precision limits the result to ~1e-6 relative of a refit."""
+        n = int(self.fit_stats.get("training_images", 0))
+        if n < 2:
+            raise ValueError("this PaDiM model does not record how many images it was fitted on: refit it to update")
+        mean = self.mean.double().cpu()
+        eye = torch.eye(mean.shape[1], dtype=torch.float64)
+        with torch_threads(1):
+            cov = torch.cholesky_inverse(torch.linalg.cholesky(self.precision.double().cpu())) - self.cfg.covariance_eps * eye
+        sums = n * mean
+        outer = (n - 1) * cov + n * mean[:, :, None] * mean[:, None, :]
+        added = 0
+        for fmaps in batches:
+            emb = padim_embedding(fmaps, self.channel_idx)
+            b, d, h, w = emb.shape
+            x = emb.permute(2, 3, 0, 1).reshape(h * w, b, d).double().cpu().contiguous()
+            sums += x.sum(dim=1)
+            outer.baddbmm_(x.transpose(1, 2), x)
+            added += b
+        count = n + added
+        mean = sums / count
+        cov = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1) + self.cfg.covariance_eps * eye
+        with torch_threads(1):
+            precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+        self._set_stats(mean.float(), precision.float())
+        self.fit_stats["training_images"] = count
+        return {"images_before": n, "added": added, "training_images": count}
+
     def tensors(self) -> dict[str, torch.Tensor]:
         d = self.precision.shape[-1]
         rows, cols = torch.tril_indices(d, d)

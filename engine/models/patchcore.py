@@ -284,6 +284,39 @@ class PatchCore(AnomalyModel):
         # Files from before layer balancing hold no weights: their banks are unweighted.
         self._set_column_weights(tensors.get("column_weights", torch.ones(self.bank.shape[1])))
 
+    def extend_bank(self, rows: torch.Tensor, owners: torch.Tensor | None, grid: tuple[int, int]) -> dict:
+        """`vade update`: continue the fit's greedy k-center from the current bank over new weighted
+        patch rows (their distances to the bank are the starting minima) until every candidate is
+        within the fit's covering radius; the picks join the bank. Returns what was done."""
+        from kernels.coreset_cpu import greedy_kcenter_extend
+
+        radius = self.fit_stats.get("coreset_covering_radius_projected")
+        if radius is None:
+            raise ValueError("this model records no covering radius (fitted before vade 0.4): refit it to update")
+        stride = int(self.fit_stats.get("coreset_candidate_stride", 1))
+        h, w = grid
+        cell = torch.arange(rows.shape[0]) % (h * w)
+        keep = ((cell // w) % stride == 0) & ((cell % w) % stride == 0)
+        candidates = keep.nonzero().squeeze(1)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        matrix = projection_matrix(rows.shape[1], self.cfg.projection_dim, gen)
+        bank = self.bank.float().cpu()
+        proj_bank = bank @ matrix if matrix is not None else bank
+        proj_new = rows[candidates].float() @ matrix if matrix is not None else rows[candidates].float()
+        start_d, _ = KnnIndex.build(proj_bank, seed=self.cfg.seed).search(proj_new, 1)
+        picks, after = greedy_kcenter_extend(proj_bank, proj_new, float(radius), min_d=start_d[:, 0])
+        added = candidates[picks]
+        if owners is not None and self.bank_owner is not None:
+            self.bank_owner = torch.cat([self.bank_owner, owners[added].to(torch.int32)])
+        else:
+            self.bank_owner = None
+        self._set_bank(torch.cat([bank, rows[added].float()]))
+        self.fit_stats["bank_size"] = int(self.bank.shape[0])
+        self.fit_stats["training_patches"] = int(self.fit_stats.get("training_patches", 0)) + int(rows.shape[0])
+        return {"patches": int(rows.shape[0]), "candidates": int(candidates.numel()), "added": int(added.numel()),
+                "bank_size": int(self.bank.shape[0]), "covering_radius_projected": float(radius),
+                "new_rows_radius_after": round(after, 6), "farthest_new_row_before": round(float(start_d.max()), 6)}
+
     def extra_meta(self) -> dict:
         bank = getattr(self, "bank", None)
         return {"bank_size": int(bank.shape[0]) if bank is not None else 0, "feature_dim": self._feature_dim()}
@@ -298,9 +331,16 @@ def project_for_coreset(embeddings: torch.Tensor, dim: int, seed: int) -> tuple[
     few percent) and the seeded first pick; dim <= 0 or >= the feature dim keeps the rows as they are."""
     n_total, feat_dim = embeddings.shape
     gen = torch.Generator().manual_seed(seed)
-    if 0 < dim < feat_dim:
-        matrix = torch.randn(feat_dim, dim, generator=gen) / dim**0.5
+    matrix = projection_matrix(feat_dim, dim, gen)
+    if matrix is not None:
         projected = torch.cat([embeddings[i : i + 65536].float() @ matrix for i in range(0, n_total, 65536)])
     else:
         projected = embeddings.float()
     return projected, int(torch.randint(n_total, (1,), generator=gen))
+
+
+def projection_matrix(feat_dim: int, dim: int, gen: torch.Generator) -> torch.Tensor | None:
+    """The coreset's Gaussian projection (None: rows kept as they are), drawn first from `gen`."""
+    if 0 < dim < feat_dim:
+        return torch.randn(feat_dim, dim, generator=gen) / dim**0.5
+    return None
