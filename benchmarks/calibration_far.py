@@ -41,7 +41,7 @@ def rates(normal: np.ndarray, good: np.ndarray) -> list[dict]:
     rows = []
     for target in TARGETS:
         cal = calibrate(normal, target, "x")
-        flagged = int((good > cal.threshold).sum())
+        flagged = int((good >= cal.threshold).sum())  # is_anomalous: score >= threshold
         lo, hi = clopper_pearson(flagged, good.size)
         rows.append({"target": target, "n": cal.n, "rank": cal.rank, "certified_rate": round(cal.certified_rate, 5),
                      "sufficient": cal.sufficient, "flagged": flagged, "of": int(good.size),

@@ -232,7 +232,7 @@ def false_alarms(good_scores: np.ndarray, calibration: Any) -> dict[str, Any]:
     exact (Clopper-Pearson) 95% interval, next to what the threshold promises."""
     from engine.calibration import clopper_pearson
 
-    flagged = int((np.asarray(good_scores, dtype=np.float64) > calibration.threshold).sum())
+    flagged = int((np.asarray(good_scores, dtype=np.float64) >= calibration.threshold).sum())  # is_anomalous
     n = int(len(good_scores))
     lo, hi = clopper_pearson(flagged, n)
     return {"flagged": flagged, "good": n, "rate": round(flagged / n, 6), "ci95": [round(lo, 6), round(hi, 6)],
