@@ -13,7 +13,7 @@ the typical normal image maps to 0, the threshold to 0.5. Monotonic and unclippe
 
 source: "loo" (training images scored leave-one-out), "holdout" (images kept out of the fit),
 "loo+holdout" (both, pooled), "calibrate" (`vade calibrate`'s images), "train" (in-sample, files of
-vade < 0.4 without a hold-out: optimistic).
+older files without a hold-out: optimistic).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class Calibration:
     centre: float
     source: str
     normal_scores: tuple[float, ...]  # raw calibration scores, kept for drift checks
-    target_rate: float | None = None  # the requested false-alarm rate (None: files of vade < 0.4)
-    rank: int = 0  # the threshold is the rank-th smallest normal score (0: quantile of vade < 0.4)
+    target_rate: float | None = None  # the requested false-alarm rate (None: files from before conformal thresholds)
+    rank: int = 0  # the threshold is the rank-th smallest normal score (0: a quantile, files from before conformal thresholds)
 
     @property
     def n(self) -> int:

@@ -224,7 +224,7 @@ class PatchCore(AnomalyModel):
         if loo_owner is None:
             return None
         if self.bank_owner is None:
-            raise ValueError("this PatchCore model keeps no bank owners (fitted before vade 0.4): "
+            raise ValueError("this PatchCore model keeps no bank owners (fitted before owners were kept): "
                              "it cannot score leave-one-out; calibrate it on held-out images")
         return torch.as_tensor(loo_owner, dtype=torch.int32).repeat_interleave(per_image)
 
@@ -292,7 +292,7 @@ class PatchCore(AnomalyModel):
 
         radius = self.fit_stats.get("coreset_covering_radius_projected")
         if radius is None:
-            raise ValueError("this model records no covering radius (fitted before vade 0.4): refit it to update")
+            raise ValueError("this model records no coreset covering radius: refit it to update")
         stride = int(self.fit_stats.get("coreset_candidate_stride", 1))
         h, w = grid
         cell = torch.arange(rows.shape[0]) % (h * w)

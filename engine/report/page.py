@@ -138,7 +138,7 @@ def _certified(calibration: dict) -> str | None:
     """The threshold's guarantee, in words (engine.calibration), or that the model has none."""
     if not calibration:
         return None
-    return calibration.get("statement") or "none: a quantile of the hold-out (model from before vade 0.4)"
+    return calibration.get("statement") or "none: a quantile of the hold-out (model from before conformal thresholds)"
 
 
 def _history(history: object) -> str | None:

@@ -88,7 +88,7 @@ def threshold_note(meta: dict) -> str:
         return f"anomalous = above the threshold: {cal['statement']}"
     n = len(cal.get("normal_scores") or [])
     return (f"anomalous = above the threshold, a quantile of {n} {cal.get('source', 'hold-out')} scores: no certified "
-            "false-alarm rate (model from before vade 0.4; `vade calibrate` gives one)")
+            "false-alarm rate (model from before conformal thresholds; `vade calibrate` gives one)")
 
 
 @dataclass
