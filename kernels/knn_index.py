@@ -162,17 +162,21 @@ class KnnIndex:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(squared distances, indices) of `keep` candidates for the nearest entries: the proven
         exact `keep` nearest from a bf16 pass where the CPU has native bf16, else an fp32 GEMM's.
-        With `q_owner` (exclusion) the fp32 GEMM is used: an inf there means an empty slot."""
-        if self.bank_c_bf16_t is None or self.bank.shape[0] <= keep + BF16_EXTRA or q_owner is not None:
+        With `q_owner` (exclusion) an inf distance means an empty slot."""
+        if self.bank_c_bf16_t is None or self.bank.shape[0] <= keep + BF16_EXTRA:
             return self._dense_candidates_fp32(q, keep, q_owner)
-        d, i = self._dense_candidates_bf16(q, keep)
+        d, i = self._dense_candidates_bf16(q, keep, q_owner)
         failed = torch.isinf(d[:, 0]).nonzero().squeeze(1)
         if failed.numel():
-            d[failed], i[failed] = self._dense_candidates_fp32(q[failed], keep)
+            owner = None if q_owner is None else q_owner[failed]
+            d[failed], i[failed] = self._dense_candidates_fp32(q[failed], keep, owner)
         return d, i
 
-    def _dense_candidates_bf16(self, q: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `_dense_candidates`; rows whose proof fails come back with distance inf."""
+    def _dense_candidates_bf16(
+        self, q: torch.Tensor, keep: int, q_owner: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_dense_candidates`; rows whose proof fails come back with distance inf. Excluded
+        entries rank last (key -inf), so the proof covers the entries left."""
         wide = keep + BF16_EXTRA
         d_out = torch.empty((q.shape[0], keep))
         i_out = torch.empty((q.shape[0], keep), dtype=torch.long)
@@ -182,8 +186,14 @@ class KnnIndex:
             q_sq = qc.pow(2).sum(1)
             # Rank by q.e - |e|^2 / 2 (largest): the squared distance minus |q|^2, halved and negated.
             key = torch.mm(qc.bfloat16(), self.bank_c_bf16_t).float().add_(self.bank_c_half_sq_neg)
+            if q_owner is not None:
+                assert self.owner is not None
+                key.masked_fill_(q_owner[rows][:, None] == self.owner[None, :], float("-inf"))
             top, cand = torch.topk(key, wide + 1, dim=1)
-            d, pos = torch.topk(self._exact_sq(q[rows], cand[:, :wide]), keep, dim=1, largest=False)
+            exact = self._exact_sq(q[rows], cand[:, :wide])
+            if q_owner is not None:
+                exact.masked_fill_(torch.isinf(top[:, :wide]), float("inf"))  # excluded: empty slots
+            d, pos = torch.topk(exact, keep, dim=1, largest=False)
             # Operand rounding (2u) and output rounding (u) of the dot, doubled in the expansion, plus
             # fp32 slack on the norms; an entry outside the list is at least `outside` - err away.
             outside = q_sq - 2 * top[:, wide]

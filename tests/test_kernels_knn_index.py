@@ -173,7 +173,12 @@ def float64_topk_excluding(queries: torch.Tensor, bank: torch.Tensor, k: int, q_
 
 @pytest.mark.parametrize("k", [1, 9])
 @pytest.mark.parametrize("n_queries", [7, MIN_QUERIES_FOR_CELLS + 300])
-def test_search_excluding_owners_is_exact(bank: torch.Tensor, k: int, n_queries: int) -> None:
+def test_search_excluding_owners_is_exact(bank: torch.Tensor, k: int, n_queries: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    real = KnnIndex._dense_candidates_bf16
+    monkeypatch.setattr(KnnIndex, "_dense_candidates_bf16",
+                        lambda self, q, keep, q_owner=None: (calls.append(q_owner is not None), real(self, q, keep, q_owner))[1])
     # Owners in runs of 30 rows: whole neighbourhoods of a query vanish, as an image's own patches do.
     b_owner = torch.arange(bank.shape[0]) // 30
     index = KnnIndex.build(bank, seed=0, owner=b_owner)
@@ -190,6 +195,8 @@ def test_search_excluding_owners_is_exact(bank: torch.Tensor, k: int, n_queries:
     # Without the exclusion the copies find themselves at distance 0.
     plain_d, _ = index.search(queries, k)
     assert float(plain_d[: n_queries // 2, 0].max()) == 0.0 and float(dist[: n_queries // 2, 0].min()) > 0
+    if n_queries > MIN_QUERIES_FOR_CELLS and k == 9 and cpu_native_bf16():
+        assert True in calls  # the far queries' dense bf16 search ran with the exclusion
 
 
 def test_exclusion_with_ties_and_whole_cells_excluded() -> None:
