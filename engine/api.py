@@ -50,18 +50,22 @@ def iter_image_batches(
     batch_size: int,
     skipped: list[tuple[str, str]],
     read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+    owners: list[int] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Decoded, resized batches; unreadable files are appended to `skipped` as (path, reason).
+    """Decoded, resized batches; unreadable files are appended to `skipped` as (path, reason), and
+    the index in `paths` of each image yielded to `owners` (when given).
 
     The reading path of fit and calibration: regular files only, each read within `read_timeout`
     seconds (engine.inputs.reader), so a FIFO or a hung mount is a skipped file, never a hang."""
     batch: list[np.ndarray] = []
-    for path in paths:
+    for i, path in enumerate(paths):
         try:
             batch.append(read_rgb(path, read_timeout=read_timeout))
         except DecodeError as exc:
             skipped.append((str(path), str(exc)))
             continue
+        if owners is not None:
+            owners.append(i)
         if len(batch) == batch_size:
             yield to_tensor(batch, size)
             batch = []
@@ -97,11 +101,13 @@ def plan_training_tiles(paths: Sequence[Path], spec: TileSpec, max_patches: int,
 
 def iter_tile_batches(plan: dict[Path, list[int]], spec: TileSpec, batch_size: int,
                       skipped: list[tuple[str, str]], read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+                      owners: list[int] | None = None, owner_of: dict[Path, int] | None = None,
                       ) -> Iterator[torch.Tensor]:
-    """Batches of `batch_size` training tiles (the last may be short), in the plan's order."""
+    """Batches of `batch_size` training tiles (the last may be short), in the plan's order; the
+    owner of each tile yielded (`owner_of[path]`, else the image's position in the plan) goes to `owners`."""
     pending: list[torch.Tensor] = []
     held = 0
-    for path, tiles in plan.items():
+    for position, (path, tiles) in enumerate(plan.items()):
         try:
             pixels = pixels_tensor(read_rgb(path, read_timeout=read_timeout))
         except DecodeError as exc:
@@ -111,6 +117,8 @@ def iter_tile_batches(plan: dict[Path, list[int]], spec: TileSpec, batch_size: i
         for _, chunk in tile_chunks(pixels, layout, batch_size, [t for t in tiles if t < layout.n_tiles]):
             pending.append(chunk)
             held += chunk.shape[0]
+            if owners is not None:
+                owners += [owner_of[path] if owner_of is not None else position] * chunk.shape[0]
             while held >= batch_size:
                 batch = torch.cat(pending)
                 yield batch[:batch_size]
@@ -128,6 +136,46 @@ def _raw_scores(
     batches = iter_image_batches(paths, model.input_size, model.cfg.batch_size, skipped, read_timeout)
     scores = [model.score(b).scores.cpu() for b in batches]
     return torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)
+
+
+def loo_scores(
+    model: AnomalyModel, paths: Sequence[Path], owners: Sequence[int], skipped: list[tuple[str, str]],
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+) -> np.ndarray:
+    """Leave-one-out raw scores of training images `paths` whose owner ids (their index in the fit's
+    image list) are `owners`: each scored without its own contribution to the model."""
+    decoded = ((owner, pixels) for (_, pixels), owner in _readable_with(paths, owners, skipped, read_timeout))
+    if model.tile_spec is not None:
+        return np.asarray([float(out.score) for _, out in score_images_tiled(model, decoded, loo=True)], dtype=np.float64)
+    scores: list[torch.Tensor] = []
+    batch: list[tuple[int, np.ndarray]] = []
+    for item in decoded:
+        batch.append(item)
+        if len(batch) == model.cfg.batch_size:
+            scores.append(_loo_batch(model, batch))
+            batch = []
+    if batch:
+        scores.append(_loo_batch(model, batch))
+    return torch.cat(scores).numpy().astype(np.float64) if scores else np.zeros(0)
+
+
+def _loo_batch(model: AnomalyModel, batch: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    images = to_tensor([pixels for _, pixels in batch], model.input_size)
+    return model.score(images, torch.tensor([owner for owner, _ in batch])).scores.cpu()
+
+
+def _readable_with(paths: Sequence[Path], owners: Sequence[int], skipped: list[tuple[str, str]],
+                   read_timeout: float) -> Iterator[tuple[tuple[Path, np.ndarray], int]]:
+    for path, owner in zip(paths, owners, strict=True):
+        for item in _readable([path], skipped, read_timeout):
+            yield item, owner
+
+
+def loo_subset(n_train: int, limit: int, seed: int) -> list[int]:
+    """Seeded subset of `limit` training-image indices (all of them when limit <= 0 or >= n), sorted."""
+    if limit <= 0 or limit >= n_train:
+        return list(range(n_train))
+    return sorted(random.Random(seed + 1).sample(range(n_train), limit))
 
 
 def _readable(
@@ -151,13 +199,27 @@ def _finite(feature_maps: list[torch.Tensor], cfg: FitConfig) -> list[torch.Tens
     return feature_maps
 
 
+def history_event(event: str, images: int, model: AnomalyModel, **extra: object) -> dict:
+    """One entry of a model's history (model.json "history"), with the calibration it left."""
+    from datetime import datetime, timezone
+
+    from engine import __version__
+
+    cal = model.calibration
+    return {"event": event, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "images": images,
+            "vade_version": __version__, "threshold": None if cal is None else cal.threshold,
+            "calibration_source": None if cal is None else cal.source, "calibration_n": None if cal is None else cal.n,
+            "certified_rate": None if cal is None else cal.certified_rate, **extra}
+
+
 def fit(
     images: Sequence[str | Path],
     cfg: FitConfig | None = None,
     progress: Progress | None = None,
     read_timeout: float = DEFAULT_READ_TIMEOUT_S,
 ) -> AnomalyModel:
-    """Fit a model on normal images and calibrate its threshold on a seeded hold-out of them.
+    """Fit a model on normal images and calibrate its threshold (engine/calibration.py) on leave-one-out
+    scores of (a seeded subset of) them, a seeded hold-out, or both (`cfg.calibration`).
 
     An image that cannot be read (or not within `read_timeout` seconds) is skipped and listed in fit_stats."""
     say = progress or (lambda msg: None)
@@ -166,36 +228,55 @@ def fit(
     paths = [Path(p) for p in images]
     if len(paths) < 2:
         raise DataError(f"need at least 2 normal images to fit, got {len(paths)}")
-    train, holdout = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
+    use_loo = cfg.calibration in ("loo", "both")
+    train, holdout = split_holdout(paths, cfg.holdout_fraction if cfg.calibration != "loo" else 0.0, cfg.seed)
     model = MODELS[cfg.method](cfg, resolve_device(cfg.device))
     say(f"fitting {cfg.method} ({cfg.backbone}, layers {cfg.layers}) on {len(train)} images, "
         f"{len(holdout)} held out for the threshold")
+    owners: list[int] = []
     skipped: list[tuple[str, str]] = []
     t0 = time.perf_counter()
     spec = model.tile_spec
     if spec is None:
-        images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped, read_timeout)
+        images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped, read_timeout, owners)
         units = len(train)
     else:
         plan, tiles_total = plan_training_tiles(train, spec, cfg.max_train_patches, cfg.seed, skipped, read_timeout)
         units = sum(len(t) for t in plan.values())
         say(f"training on {units} tiles of {len(plan)} images" + (f" (a seeded sample of {tiles_total})" if units < tiles_total else ""))
         model.fit_stats.update(training_tiles=units, tiles_total=tiles_total)
-        images_in = iter_tile_batches(plan, spec, cfg.batch_size, skipped, read_timeout)
+        owner_of = {path: i for i, path in enumerate(train)}
+        images_in = iter_tile_batches(plan, spec, cfg.batch_size, skipped, read_timeout, owners, owner_of)
     batches = (_finite(model.features(b), cfg) for b in images_in)
-    model.fit_features(batches, units)
+    model.fit_features(batches, units, owners)
     t1 = time.perf_counter()
-    source = "holdout" if holdout else "train"
-    normal = _raw_scores(model, holdout or train, skipped, read_timeout)
+    parts, sources = [], []
+    loo_idx: list[int] = []
+    if use_loo:
+        loo_idx = loo_subset(len(train), cfg.loo_images, cfg.seed)
+        say(f"scoring {len(loo_idx)} training images leave-one-out for the threshold")
+        parts.append(loo_scores(model, [train[i] for i in loo_idx], loo_idx, skipped, read_timeout))
+        sources.append("loo")
+    if holdout:
+        parts.append(_raw_scores(model, holdout, skipped, read_timeout))
+        sources.append("holdout")
+    if not sources:  # calibration holdout with too few images to hold any out: in-sample, optimistic
+        parts.append(_raw_scores(model, train, skipped, read_timeout))
+        sources.append("train")
+    normal = np.concatenate(parts)
     if normal.size == 0:
         raise DataError("no readable normal image left to calibrate the threshold")
+    source = "+".join(sources)
     model.calibration = calibrate(normal, cfg.target_false_alarm_rate, source)
     model.fit_stats.update(
         train_images=len(train) - sum(1 for p, _ in skipped if Path(p) in set(train)),
         holdout_images=len(holdout),
+        loo_images=len(loo_idx),
         skipped=[{"path": p, "error": e} for p, e in skipped],
         seconds_fit=round(t1 - t0, 3),
         seconds_calibration=round(time.perf_counter() - t1, 3),
     )
+    model.history = [history_event("fitted", len(paths) - len(skipped), model)]
     say(f"fit done in {time.perf_counter() - t0:.1f} s; threshold {model.threshold:.4g} ({source})")
+    say(model.calibration.statement())
     return model

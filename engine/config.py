@@ -18,6 +18,9 @@ METHODS = ("patchcore", "padim")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LAYER_BALANCES = ("nearest", "variance", "none")
+# Which normal scores set the threshold (engine/calibration.py): training images scored leave-one-out
+# (the bank / Gaussians use every image), a held-out `holdout_fraction`, or both pooled.
+CALIBRATIONS = ("loo", "holdout", "both")
 
 # (method, backbone) -> default layers. Lite0 stage strides: blocks.1 = 4, blocks.2 = 8, blocks.4 = 16.
 DEFAULT_LAYERS: dict[tuple[str, str], list[str]] = {
@@ -90,7 +93,11 @@ class FitConfig:
     covariance_eps: float = -1.0  # < 0 -> DEFAULT_COVARIANCE_EPS[backbone]
     # both
     blur_sigma: float = 4.0
-    holdout_fraction: float = 0.1  # normal images kept out of the fit to calibrate the threshold
+    # loo: every image in the fit, the threshold from leave-one-out scores of `loo_images` of them;
+    # holdout / both: `holdout_fraction` of the images kept out of the fit (and, both, pooled with LOO).
+    calibration: str = "loo"
+    loo_images: int = 200  # training images scored leave-one-out (a seeded subset); 0 = all
+    holdout_fraction: float = 0.1  # normal images kept out of the fit (calibration holdout / both)
     target_false_alarm_rate: float = 0.01
     seed: int = 0
     batch_size: int = 16
@@ -131,6 +138,8 @@ class FitConfig:
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("layer_balance", self.layer_balance, LAYER_BALANCES)
+        _choice("calibration", self.calibration, CALIBRATIONS)
+        _range("loo_images", self.loo_images, 0, 10**9)
         spec = get_spec(self.backbone)
         check_layers(spec, self.layers)
         if spec.needs_weights_file and not self.weights:

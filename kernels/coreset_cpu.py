@@ -116,8 +116,9 @@ class _LazyKCenter:
             margin = float(torch.topk(self.values, min(REFRESH_MARGIN * count, n_rows), sorted=False).values.min())
             self.refresh(((self.values >= margin) & (self.folded < step)).nonzero().squeeze(1))
 
-    def pick_round(self, tau: float, n: int) -> None:
-        """Pick among the rows at or above tau while the best of them is still at or above tau."""
+    def pick_round(self, tau: float, n: int, floor: float = float("-inf")) -> None:
+        """Pick among the rows at or above tau while the best of them is still at or above tau (and,
+        given `floor`, above it)."""
         rows = (self.values >= tau).nonzero().squeeze(1)  # ascending: argmax ties go to the lowest id
         values = self.values[rows]
         centred = self.centred.index_select(0, rows)
@@ -128,7 +129,7 @@ class _LazyKCenter:
         half_gap[values <= 0] = float("inf")
         while len(self.picks) < n:
             best = int(torch.argmax(values))
-            if float(values[best]) < max(tau, 0.0):  # below tau: a stale row may be ahead
+            if float(values[best]) < max(tau, 0.0) or float(values[best]) <= floor:  # below tau: a stale row may be ahead
                 break
             pick = int(rows[best])
             self.picks.append(pick)
@@ -161,6 +162,52 @@ def greedy_kcenter_lazy(
                 state.pick_round(tau, n)
         radius_sq = state.settle(1)
     return torch.tensor(state.picks, dtype=torch.long), math.sqrt(max(radius_sq, 0.0))
+
+
+class _ExtendKCenter(_LazyKCenter):
+    """The state of a greedy run whose first `n_picked` rows are already picks, with the other rows'
+    squared distances to them given (the continuation of a fit's coreset over new rows)."""
+
+    def __init__(self, x: torch.Tensor, n_picked: int, min_d2: torch.Tensor):
+        self.x = x
+        n_rows, dim = x.shape
+        self.centred = x - x.mean(0)
+        self.sq = self.centred.pow(2).sum(1)
+        self.err = ERR_PER_DIM * dim
+        self.tol = BOUND_TOL + dim * 2.0**-24
+        self.low_sq = self.sq * (1 - self.err)
+        self.picks = list(range(n_picked))
+        self.values = torch.cat([torch.full((n_picked,), PICKED), min_d2.float()])
+        self.folded = torch.full((n_rows,), n_picked, dtype=torch.long)
+
+
+def greedy_kcenter_extend(
+    picked: torch.Tensor, rows: torch.Tensor, radius: float, *, min_d: torch.Tensor | None = None,
+    candidates: int = DEFAULT_CANDIDATES, max_picks: int | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Continue greedy k-center from the centres `picked` [M, D] over new `rows` [N, D] until every
+    row is within `radius` of a centre: (indices into `rows` of the new picks, in order; covering
+    radius of the new rows after them). `min_d`: each row's distance to its nearest centre (computed
+    here by brute force when not given) — the greedy run's starting minima."""
+    xf = torch.cat([picked.detach().float(), rows.detach().float()]).contiguous()
+    m = picked.shape[0]
+    if min_d is None:
+        min_d2 = torch.cat([torch.cdist(rows[i : i + 4096].float(), picked.float()).amin(1) for i in
+                            range(0, rows.shape[0], 4096)]).pow(2)
+    else:
+        min_d2 = min_d.float().pow(2)
+    floor = radius * radius
+    limit = m + (max_picks if max_picks is not None else rows.shape[0])
+    with torch_threads(refresh_threads()):
+        state = _ExtendKCenter(xf, m, min_d2)
+        while len(state.picks) < limit:
+            tau = state.settle(candidates + 1)
+            if float(state.values.max()) <= floor:
+                break
+            with torch_threads(1):
+                state.pick_round(tau, limit, floor)
+        radius_sq = state.settle(1)
+    return torch.tensor(state.picks[m:], dtype=torch.long) - m, math.sqrt(max(radius_sq, 0.0))
 
 
 def refresh_threads() -> int:

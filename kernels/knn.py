@@ -60,11 +60,12 @@ H200_SMS = 132  # SM count assumed where no GPU is at hand (the compile check's 
 
 def _knn_tile_kernel(
     q_ptr, b_ptr, bn_ptr, out_d_ptr, out_i_ptr,
-    n_q, n_bank, dim, rows_per_split, stride_q, stride_b,
+    n_q, n_bank, dim, rows_per_split, stride_q, stride_b, qo_ptr, bo_ptr,
     K: tl.constexpr, K_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EXCLUDE: tl.constexpr,
 ):  # fmt: skip
-    """Running top-K of ||b||^2 - 2 q.b over bank rows [split * rows_per_split, +rows_per_split)."""
+    """Running top-K of ||b||^2 - 2 q.b over bank rows [split * rows_per_split, +rows_per_split);
+    with EXCLUDE, rows whose owner (bo) equals the query's owner (qo) are never candidates."""
     pid_q = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -77,6 +78,8 @@ def _knn_tile_kernel(
     best_i = tl.zeros([BLOCK_Q, K_PAD], tl.int32) - 1
     tile_cols = tl.arange(0, BLOCK_M)
     q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_q  # 64-bit: Q x D and M x D may pass 2^31
+    if EXCLUDE:
+        q_own = tl.load(qo_ptr + rows, mask=row_ok, other=-1)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         cols = m0 + tile_cols
         col_ok = cols < m_hi
@@ -92,6 +95,9 @@ def _knn_tile_kernel(
                 acc = tl.dot(a, b, acc)
         norms = tl.load(bn_ptr + cols, mask=col_ok, other=0.0)
         d2 = tl.where(col_ok[None, :], norms[None, :] - 2.0 * acc, float("inf"))
+        if EXCLUDE:
+            b_own = tl.load(bo_ptr + cols, mask=col_ok, other=-2)
+            d2 = tl.where(q_own[:, None] == b_own[None, :], float("inf"), d2)
         if K == 1:
             cand, pos = tl.min(d2, axis=1, return_indices=True)
             better = cand < tl.max(best_d, axis=1)
@@ -199,16 +205,20 @@ def lowp_bank(bank: torch.Tensor, precision: str = "bf16") -> torch.Tensor:
 def tile_launch(
     q: torch.Tensor, bank: torch.Tensor, norms: torch.Tensor, k: int, precision: str,
     out_d: torch.Tensor, out_i: torch.Tensor, splits: int, interpreted: bool = False,
+    owners: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Launch:  # fmt: skip
-    """The tile pass over padded operands (q [Q, Dp], bank [M, Dp], same dtype)."""
+    """The tile pass over padded operands (q [Q, Dp], bank [M, Dp], same dtype); `owners`:
+    (query owner [Q], bank owner [M]) int32, a query never matching a row of its own owner."""
     n_q, dim = q.shape
     n_bank = bank.shape[0]
     tile = tile_config(k, precision, interpreted)
     warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
     return Launch(
         _knn_tile_kernel, (cdiv(n_q, tile["BLOCK_Q"]), splits),
-        (q, bank, norms, out_d, out_i, n_q, n_bank, dim, cdiv(n_bank, splits), q.stride(0), bank.stride(0)),
-        dict(K=k, K_PAD=list_slots(k), PRECISION=MODES.get(precision, "lowp"), **tile), warps, stages,
+        (q, bank, norms, out_d, out_i, n_q, n_bank, dim, cdiv(n_bank, splits), q.stride(0), bank.stride(0),
+         *(owners or (norms, norms))),
+        dict(K=k, K_PAD=list_slots(k), PRECISION=MODES.get(precision, "lowp"), EXCLUDE=owners is not None, **tile),
+        warps, stages,
     )  # fmt: skip
 
 
@@ -222,15 +232,17 @@ def _sms(t: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else H200_SMS
 
 
-def _tile_pass(q: torch.Tensor, bank: torch.Tensor, norms: torch.Tensor, k: int, precision: str):
-    """Run the tile kernel: (partial squared distance without ||q||^2 [Q, k], index [Q, k])."""
+def _tile_pass(q: torch.Tensor, bank: torch.Tensor, norms: torch.Tensor, k: int, precision: str,
+               owners: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Run the tile kernel: (partial squared distance without ||q||^2 [Q, k], index [Q, k]); slots
+    left empty (fewer than k rows not excluded) hold inf and index -1."""
     from kernels._triton import interpreting
 
     n_q, n_bank = q.shape[0], bank.shape[0]
     splits = bank_splits(n_q, n_bank, _sms(q))
     out_d = torch.empty((splits, n_q, k), dtype=torch.float32, device=q.device)
     out_i = torch.empty((splits, n_q, k), dtype=torch.int32, device=q.device)
-    run(tile_launch(q, bank, norms, k, precision, out_d, out_i, splits, interpreting()))
+    run(tile_launch(q, bank, norms, k, precision, out_d, out_i, splits, interpreting(), owners))
     # Lists come back unsorted (insertion replaces the maximum): sort, merging the splits.
     d = out_d.permute(1, 0, 2).reshape(n_q, splits * k)
     i = out_i.permute(1, 0, 2).reshape(n_q, splits * k)
@@ -249,12 +261,15 @@ def rerank_launch(q: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, exact
     )  # fmt: skip
 
 
-def _rerank(q: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, k: int):
+def _rerank(q: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, k: int, empty: torch.Tensor | None = None):
+    """Exact distances of the candidates, the k best; `empty` marks slots that hold no candidate."""
     from kernels._triton import interpreting
 
     exact = torch.empty(cand.shape, dtype=torch.float32, device=q.device)
-    cand = cand.to(torch.int32).contiguous()
+    cand = cand.clamp_min(0).to(torch.int32).contiguous()
     run(rerank_launch(q, bank, cand, exact, interpreting()))
+    if empty is not None:
+        exact.masked_fill_(empty, float("inf"))
     d, pos = torch.topk(exact, k, dim=1, largest=False)
     return d.sqrt_(), cand.gather(1, pos).long()
 
@@ -282,8 +297,13 @@ def topk_triton(
     candidates: int | None = None,
     bank_lowp: torch.Tensor | None = None,
     candidate_precision: str = "bf16",
+    query_owner: torch.Tensor | None = None,
+    bank_owner: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel(s) on tensors on one device (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    query_owner [Q] / bank_owner [M] (integers, both or neither): a query never matches a bank row
+    of its own owner (leave-one-out scores); fewer than k rows left give distance inf, index -1.
 
     k <= MAX_K. candidate_precision: operands of the exact mode's first pass, "bf16" or "fp16" (the
     CPU interpreter mishandles bf16 in tl.dot, so interpreter tests of the exact mode use fp16).
@@ -304,11 +324,27 @@ def topk_triton(
         q = pad_columns(queries, half)
         usable = bank_lowp is not None and bank_lowp.dtype == half and bank_lowp.shape == (bank.shape[0], q.shape[1])
         b = bank_lowp if usable else pad_columns(bank, half)
-    d, i = _tile_pass(q, b, norms, n_keep, precision)
+    owners = _owner_pair(query_owner, bank_owner, queries, bank)
+    d, i = _tile_pass(q, b, norms, n_keep, precision, owners)
     if precision == "exact":
-        return _rerank(_rows(queries, torch.float32), _rows(bank, torch.float32), i, k)
+        empty = torch.isinf(d) if owners is not None else None
+        return _rerank(_rows(queries, torch.float32), _rows(bank, torch.float32), i, k, empty)
     d = d + queries.float().pow(2).sum(1, keepdim=True)
     return d.clamp_min_(0).sqrt_(), i
+
+
+def _owner_pair(query_owner: torch.Tensor | None, bank_owner: torch.Tensor | None,
+                queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(query owner, bank owner) as contiguous int32 on the operands' devices, checked; None: no exclusion."""
+    if query_owner is None and bank_owner is None:
+        return None
+    if query_owner is None or bank_owner is None:
+        raise ValueError("query_owner and bank_owner go together: give both or neither")
+    if query_owner.shape != (queries.shape[0],) or bank_owner.shape != (bank.shape[0],):
+        raise ValueError(f"owners must be [Q] = [{queries.shape[0]}] and [M] = [{bank.shape[0]}], got "
+                         f"{list(query_owner.shape)} and {list(bank_owner.shape)}")
+    return (query_owner.to(queries.device, torch.int32).contiguous(),
+            bank_owner.to(bank.device, torch.int32).contiguous())
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -332,11 +368,14 @@ def sq_norms(bank: torch.Tensor) -> torch.Tensor:
 
 
 def topk_torch(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, bank_sq_norms: torch.Tensor | None = None
+    queries: torch.Tensor, bank: torch.Tensor, k: int, bank_sq_norms: torch.Tensor | None = None,
+    query_owner: torch.Tensor | None = None, bank_owner: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: chunked GEMM + topk, merged across chunks, on the queries' device (a bank held
-    elsewhere, e.g. in host memory, is moved a chunk at a time)."""
+    elsewhere, e.g. in host memory, is moved a chunk at a time). Owners as in `topk_triton`
+    (empty slots: distance inf, an arbitrary index)."""
     _check(queries, bank, k)
+    owners = _owner_pair(query_owner, bank_owner, queries, bank)
     q = queries.float()
     q_norms = q.pow(2).sum(dim=1, keepdim=True)
     norms = (sq_norms(bank) if bank_sq_norms is None else bank_sq_norms.float()).to(q.device)
@@ -344,6 +383,9 @@ def topk_torch(
     for start in range(0, bank.shape[0], TORCH_BANK_CHUNK):
         chunk = bank[start : start + TORCH_BANK_CHUNK].to(q.device).float()
         d2 = torch.addmm(q_norms + norms[start : start + chunk.shape[0]], q, chunk.T, alpha=-2.0)
+        if owners is not None:
+            mine = owners[0][:, None] == owners[1][start : start + chunk.shape[0]].to(q.device)[None, :]
+            d2.masked_fill_(mine, float("inf"))
         kk = min(k, chunk.shape[0])
         d, i = torch.topk(d2, kk, dim=1, largest=False)
         i = i + start
@@ -364,18 +406,23 @@ def topk(
     backend: str = "auto",
     precision: str = "exact",
     bank_lowp: torch.Tensor | None = None,
+    query_owner: torch.Tensor | None = None,
+    bank_owner: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest bank rows of each query: (distances ascending float32, indices int64).
+
+    query_owner [Q] / bank_owner [M]: exclude bank rows of the query's own owner (every path).
 
     Triton when asked or when queries are on CUDA (auto); a CPU bank with CUDA queries is streamed.
     `precision` and `bank_lowp` (`lowp_bank(bank)`, made once) apply to Triton only. k > MAX_K runs
     the torch path on the queries' device, so every k that works on a CPU works on CUDA.
     """
+    owners = dict(query_owner=query_owner, bank_owner=bank_owner)
     if k > MAX_K:
-        return topk_torch(queries, bank, k, bank_sq_norms)
+        return topk_torch(queries, bank, k, bank_sq_norms, **owners)
     if use_triton(backend, queries):
         if queries.is_cuda and not bank.is_cuda:
             _check(queries, bank, k)
-            return topk_streamed(queries, bank, k, topk_triton, bank_sq_norms, precision=precision)
-        return topk_triton(queries, bank, k, bank_sq_norms, precision=precision, bank_lowp=bank_lowp)
-    return topk_torch(queries, bank, k, bank_sq_norms)
+            return topk_streamed(queries, bank, k, topk_triton, bank_sq_norms, precision=precision, **owners)
+        return topk_triton(queries, bank, k, bank_sq_norms, precision=precision, bank_lowp=bank_lowp, **owners)
+    return topk_torch(queries, bank, k, bank_sq_norms, **owners)

@@ -30,6 +30,12 @@ with u = 2^-8 the bf16 dot product is off by at most 4u |q| |e|, so every entry 
 (its approximate distance - twice that) away; a query whose proof fails (0.1% of the far patches of
 the bottle test set; near queries, whose neighbours crowd within the bound, fail more) is redone in
 fp32. The answer is the same as the fp32 path's.
+
+Exclusion (leave-one-out scores): built with `owner` (one integer per bank row, e.g. the training
+image it came from), `search(queries, k, query_owner=)` never returns a row whose owner equals the
+query's. Excluded rows get distance inf in every GEMM before any top-k or minimum, so the search
+stays exact: a bound on all of a cell's rows is a bound on its rows that are left, and a cell
+whose rows are all excluded yields only empty (inf) slots. Fewer than k rows left: distance inf.
 """
 
 from __future__ import annotations
@@ -63,12 +69,15 @@ BF16_ROWS = 128
 class KnnIndex:
     """Exact kNN over a fixed bank; build once (a model load), search many batches."""
 
-    def __init__(self, bank: torch.Tensor, centres: torch.Tensor, cell_of: torch.Tensor):
+    def __init__(self, bank: torch.Tensor, centres: torch.Tensor, cell_of: torch.Tensor,
+                 owner: torch.Tensor | None = None):
         self.bank = bank
         self.bank_sq_norms = sq_norms(bank)
         n_cells = centres.shape[0]
         order = torch.argsort(cell_of, stable=True)
         self.entry_ids = order  # cell-major position -> row of `bank`
+        self.owner = None if owner is None else owner.to(torch.int64).cpu()
+        self.entry_owner = None if owner is None else self.owner[order]  # cell-major
         counts = torch.bincount(cell_of, minlength=n_cells)
         self.offsets = [0, *torch.cumsum(counts, 0).tolist()]
         self.centres = centres
@@ -92,11 +101,15 @@ class KnnIndex:
         self.bank_c_norm_max = float(self.bank_c_sq.max().sqrt())
 
     @classmethod
-    def build(cls, bank: torch.Tensor, seed: int = 0, n_cells: int | None = None) -> "KnnIndex":
-        """Index `bank` (M x D, any float dtype; kept as float32 on the CPU)."""
+    def build(cls, bank: torch.Tensor, seed: int = 0, n_cells: int | None = None,
+              owner: torch.Tensor | None = None) -> "KnnIndex":
+        """Index `bank` (M x D, any float dtype; kept as float32 on the CPU); `owner` [M]: what
+        `search(query_owner=)` excludes."""
         check_2d("bank", bank)
         if bank.shape[0] == 0:
             raise ValueError("bank is empty")
+        if owner is not None and owner.shape != (bank.shape[0],):
+            raise ValueError(f"owner must be [M] = [{bank.shape[0]}], got {list(owner.shape)}")
         bank = bank.detach().float().cpu().contiguous()
         m = bank.shape[0]
         cells = n_cells or max(1, round(math.sqrt(m)))
@@ -107,44 +120,63 @@ class KnnIndex:
             # which the bisector bound relies on; empty cells are dropped.
             cell_of = _nearest_centre(bank.double(), centres.double())
             used, cell_of = torch.unique(cell_of, return_inverse=True)
-            return cls(bank, centres[used].contiguous(), cell_of)
+            return cls(bank, centres[used].contiguous(), cell_of, owner)
 
     @property
     def n_cells(self) -> int:
         return self.centres.shape[0]
 
-    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dist[Q, k] float32 ascending Euclidean, idx[Q, k] int64 rows of `bank`)."""
+    def search(
+        self, queries: torch.Tensor, k: int = 1, query_owner: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dist[Q, k] float32 ascending Euclidean, idx[Q, k] int64 rows of `bank`); `query_owner`
+        [Q]: rows of the bank with that owner are excluded (the index must have been built with one)."""
         check_2d("queries", queries)
         if queries.shape[1] != self.bank.shape[1]:
             raise ValueError(f"queries have {queries.shape[1]} dims but bank rows have {self.bank.shape[1]}")
         if not 1 <= k <= self.bank.shape[0]:
             raise ValueError(f"k must be in [1, bank rows = {self.bank.shape[0]}], got {k}")
         q = queries.detach().float().cpu().contiguous()
+        q_owner = None
+        if query_owner is not None:
+            if self.owner is None:
+                raise ValueError("this index was built without bank owners: it cannot exclude")
+            if query_owner.shape != (q.shape[0],):
+                raise ValueError(f"query_owner must be [Q] = [{q.shape[0]}], got {list(query_owner.shape)}")
+            q_owner = query_owner.to(torch.int64).cpu()
         with torch_threads(INDEX_THREADS):
             if q.shape[0] < MIN_QUERIES_FOR_CELLS or self.n_cells == 1:
-                return self._search_all(q, k)
-            return self._search_cells(q, k)
+                return self._search_all(q, k, q_owner)
+            return self._search_cells(q, k, q_owner)
 
-    def _search_all(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_all(
+        self, q: torch.Tensor, k: int, q_owner: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Few queries (the k = 9 reweighting): one GEMM over the bank keeps k + RERANK_EXTRA
         candidates, then their distances are recomputed directly as sum((q - e)^2)."""
-        cand = self._dense_candidates_fp32(q, min(k + RERANK_EXTRA, self.bank.shape[0]))[1]
-        return self._rerank(q, cand, k)
+        cand_d, cand = self._dense_candidates_fp32(q, min(k + RERANK_EXTRA, self.bank.shape[0]), q_owner)
+        return self._rerank(q, cand, k, cand_d if q_owner is not None else None)
 
-    def _dense_candidates(self, q: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dense_candidates(
+        self, q: torch.Tensor, keep: int, q_owner: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(squared distances, indices) of `keep` candidates for the nearest entries: the proven
-        exact `keep` nearest from a bf16 pass where the CPU has native bf16, else an fp32 GEMM's."""
+        exact `keep` nearest from a bf16 pass where the CPU has native bf16, else an fp32 GEMM's.
+        With `q_owner` (exclusion) an inf distance means an empty slot."""
         if self.bank_c_bf16_t is None or self.bank.shape[0] <= keep + BF16_EXTRA:
-            return self._dense_candidates_fp32(q, keep)
-        d, i = self._dense_candidates_bf16(q, keep)
+            return self._dense_candidates_fp32(q, keep, q_owner)
+        d, i = self._dense_candidates_bf16(q, keep, q_owner)
         failed = torch.isinf(d[:, 0]).nonzero().squeeze(1)
         if failed.numel():
-            d[failed], i[failed] = self._dense_candidates_fp32(q[failed], keep)
+            owner = None if q_owner is None else q_owner[failed]
+            d[failed], i[failed] = self._dense_candidates_fp32(q[failed], keep, owner)
         return d, i
 
-    def _dense_candidates_bf16(self, q: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `_dense_candidates`; rows whose proof fails come back with distance inf."""
+    def _dense_candidates_bf16(
+        self, q: torch.Tensor, keep: int, q_owner: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_dense_candidates`; rows whose proof fails come back with distance inf. Excluded
+        entries rank last (key -inf), so the proof covers the entries left."""
         wide = keep + BF16_EXTRA
         d_out = torch.empty((q.shape[0], keep))
         i_out = torch.empty((q.shape[0], keep), dtype=torch.long)
@@ -154,8 +186,14 @@ class KnnIndex:
             q_sq = qc.pow(2).sum(1)
             # Rank by q.e - |e|^2 / 2 (largest): the squared distance minus |q|^2, halved and negated.
             key = torch.mm(qc.bfloat16(), self.bank_c_bf16_t).float().add_(self.bank_c_half_sq_neg)
+            if q_owner is not None:
+                assert self.owner is not None
+                key.masked_fill_(q_owner[rows][:, None] == self.owner[None, :], float("-inf"))
             top, cand = torch.topk(key, wide + 1, dim=1)
-            d, pos = torch.topk(self._exact_sq(q[rows], cand[:, :wide]), keep, dim=1, largest=False)
+            exact = self._exact_sq(q[rows], cand[:, :wide])
+            if q_owner is not None:
+                exact.masked_fill_(torch.isinf(top[:, :wide]), float("inf"))  # excluded: empty slots
+            d, pos = torch.topk(exact, keep, dim=1, largest=False)
             # Operand rounding (2u) and output rounding (u) of the dot, doubled in the expansion, plus
             # fp32 slack on the norms; an entry outside the list is at least `outside` - err away.
             outside = q_sq - 2 * top[:, wide]
@@ -164,10 +202,16 @@ class KnnIndex:
             d_out[rows], i_out[rows] = d, cand.gather(1, pos)
         return d_out, i_out
 
-    def _dense_candidates_fp32(self, q: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(approximate squared distances, indices) of the `keep` best over the whole bank."""
+    def _dense_candidates_fp32(
+        self, q: torch.Tensor, keep: int, q_owner: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(approximate squared distances, indices) of the `keep` best over the whole bank; rows
+        of the query's owner (`q_owner`) are at inf."""
         qc = q - self.mean
         d2 = torch.addmm(qc.pow(2).sum(1, keepdim=True) + self.bank_c_sq, qc, self.bank_c.T, alpha=-2.0)
+        if q_owner is not None:
+            assert self.owner is not None
+            d2.masked_fill_(q_owner[:, None] == self.owner[None, :], float("inf"))
         return torch.topk(d2, keep, dim=1, largest=False)
 
     def _exact_sq(self, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -186,7 +230,9 @@ class KnnIndex:
         d, pos = torch.topk(exact, k, dim=1, largest=False)
         return d.sqrt_(), cand.gather(1, pos)
 
-    def _search_cells(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_cells(
+        self, q: torch.Tensor, k: int, q_owner: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n_q = q.shape[0]
         qc = q - self.mean
         q_sq = qc.pow(2).sum(1)
@@ -197,7 +243,7 @@ class KnnIndex:
         best_d = torch.full((n_q, keep), float("inf"))
         best_i = torch.zeros((n_q, keep), dtype=torch.long)
         for cell, members in _groups(own, self.n_cells):
-            for rows, d, ids in self._scan(q, members, cell, keep, k):
+            for rows, d, ids in self._scan(q, members, cell, keep, k, q_owner):
                 best_d[rows, : d.shape[1]] = d
                 best_i[rows, : d.shape[1]] = ids
         lower = self._lower_bounds(to_centre, to_centre_err, own)
@@ -211,13 +257,14 @@ class KnnIndex:
         dense = need.sum(1) > DENSE_FRACTION * self.n_cells
         if bool(dense.any()):
             rows = dense.nonzero().squeeze(1)
-            best_d[rows], best_i[rows] = self._dense_candidates(q[rows], keep)
+            owner = None if q_owner is None else q_owner[rows]
+            best_d[rows], best_i[rows] = self._dense_candidates(q[rows], keep, owner)
             need[rows] = False
         pairs = need.nonzero()  # (query, cell), query-major
         cells = pairs[:, 1]
         order = torch.argsort(cells, stable=True)
         groups = _groups(cells[order], self.n_cells, pairs[order, 0])
-        found = [part for cell, members in groups for part in self._scan(q, members, cell, keep, k)]
+        found = [part for cell, members in groups for part in self._scan(q, members, cell, keep, k, q_owner)]
         if found:
             _merge_into(best_d, best_i, found)
         return self._rerank(q, best_i, k, best_d)
@@ -232,7 +279,8 @@ class KnnIndex:
         return torch.maximum(triangle, bisector) - BOUND_TOL
 
     def _scan(
-        self, q: torch.Tensor, members: torch.Tensor, cell: int, keep: int, k: int
+        self, q: torch.Tensor, members: torch.Tensor, cell: int, keep: int, k: int,
+        q_owner: torch.Tensor | None = None,
     ) -> list[tuple[torch.Tensor, ...]]:
         """[(rows, squared distances [m, t], entry ids [m, t])]: for queries `members`, the nearest
         entries of cell `cell`, ascending: t = min(keep, cell size), or t = 1 (below).
@@ -244,6 +292,10 @@ class KnnIndex:
         rel = q.index_select(0, members) - self.centres[cell]
         rel_sq = rel.pow(2).sum(1, keepdim=True)
         d2 = torch.addmm(rel_sq + self.residual_sq[lo:hi], rel, self.residuals[lo:hi].T, alpha=-2.0)
+        if q_owner is not None:
+            assert self.entry_owner is not None
+            mine = q_owner.index_select(0, members)[:, None] == self.entry_owner[lo:hi][None, :]
+            d2.masked_fill_(mine, float("inf"))
         take = min(keep, hi - lo)
         ids = self.entry_ids[lo:hi]
         if k != 1 or take == 1:

@@ -33,8 +33,13 @@ def topk_streamed(
     *,
     precision: str = "exact",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    query_owner: torch.Tensor | None = None,
+    bank_owner: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of CUDA `queries` against a host `bank` (arguments already checked by the caller)."""
+    """Top-k of CUDA `queries` against a host `bank` (arguments already checked by the caller);
+    `query_owner` / `bank_owner` are passed to `search` per chunk (the bank owner sliced)."""
+    if (query_owner is None) != (bank_owner is None):
+        raise ValueError("query_owner and bank_owner go together: give both or neither")
     device = queries.device
     n_bank, dim = bank.shape
     chunk_rows = max(chunk_rows, k)
@@ -81,7 +86,9 @@ def topk_streamed(
         compute.wait_event(copied[slot])
         chunk = dev[slot][: hi - lo]
         norms = None if bank_sq_norms is None else bank_sq_norms[lo:hi].to(device, non_blocking=True)
-        d, i = search(queries, chunk, min(k, hi - lo), norms, precision=precision)
+        owners = {} if bank_owner is None else dict(
+            query_owner=query_owner, bank_owner=bank_owner[lo:hi].to(device, non_blocking=True))
+        d, i = search(queries, chunk, min(k, hi - lo), norms, precision=precision, **owners)
         used[slot].record(compute)
         results_d.append(d)
         results_i.append(i + lo)

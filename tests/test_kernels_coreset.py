@@ -124,3 +124,24 @@ def test_non_finite_rows_are_refused() -> None:
     x[7, 2] = float("nan")
     with pytest.raises(ValueError, match="must be finite"):
         greedy_kcenter(x, 5)
+
+
+def test_extend_continues_the_greedy_run_down_to_the_radius() -> None:
+    # A greedy run over all rows, stopped at radius r, equals: the first picks (from the old rows),
+    # then the extension over the new rows from those picks, when the old rows come first.
+    from kernels.coreset_cpu import greedy_kcenter_extend, greedy_kcenter_lazy
+
+    gen = torch.Generator().manual_seed(3)
+    old = torch.randn(600, 8, generator=gen)
+    new = torch.randn(400, 8, generator=gen) + 1.5
+    picks, radius = greedy_kcenter_lazy(old, 60)
+    added, after = greedy_kcenter_extend(old[picks], new, radius)
+    assert added.numel() > 0 and after <= radius + 1e-6
+    bank = torch.cat([old[picks], new[added]])
+    assert float(torch.cdist(new, bank).amin(1).max()) <= radius + 1e-5
+    # Each pick was the farthest new row at its time (the brute-force continuation).
+    d = torch.cdist(new, old[picks]).amin(1)
+    for i in added.tolist():
+        assert float(d[i]) == pytest.approx(float(d.max()), rel=1e-5)
+        d = torch.minimum(d, torch.cdist(new, new[i : i + 1])[:, 0])
+    assert float(d.max()) <= radius + 1e-5

@@ -162,3 +162,84 @@ def test_bf16_rows_whose_proof_fails_are_redone_in_fp32(
     d, i = index.search(queries, 1)
     ref_d, ref_i = float64_topk(queries, bank, 1)
     assert torch.equal(i, ref_i) and torch.allclose(d.double(), ref_d, rtol=1e-5)
+
+
+def float64_topk_excluding(queries: torch.Tensor, bank: torch.Tensor, k: int, q_owner: torch.Tensor,
+                           b_owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = torch.cdist(queries.double(), bank.double())
+    d[q_owner[:, None] == b_owner[None, :]] = float("inf")
+    return torch.topk(d, k, dim=1, largest=False)
+
+
+@pytest.mark.parametrize("k", [1, 9])
+@pytest.mark.parametrize("n_queries", [7, MIN_QUERIES_FOR_CELLS + 300])
+def test_search_excluding_owners_is_exact(bank: torch.Tensor, k: int, n_queries: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    real = KnnIndex._dense_candidates_bf16
+    monkeypatch.setattr(KnnIndex, "_dense_candidates_bf16",
+                        lambda self, q, keep, q_owner=None: (calls.append(q_owner is not None), real(self, q, keep, q_owner))[1])
+    # Owners in runs of 30 rows: whole neighbourhoods of a query vanish, as an image's own patches do.
+    b_owner = torch.arange(bank.shape[0]) // 30
+    index = KnnIndex.build(bank, seed=0, owner=b_owner)
+    gen = torch.Generator().manual_seed(k)
+    rows = torch.randint(bank.shape[0], (n_queries,), generator=gen)
+    queries = near_and_far_queries(bank, n_queries, seed=k)
+    queries[: n_queries // 2] = bank[rows[: n_queries // 2]]  # exact copies of own rows: ties at 0
+    q_owner = b_owner[rows]
+    dist, idx = index.search(queries, k, query_owner=q_owner)
+    ref_d, ref_i = float64_topk_excluding(queries, bank, k, q_owner, b_owner)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-5)
+    assert not bool((b_owner[idx] == q_owner[:, None]).any())
+    assert torch.equal(idx[:, 0], ref_i[:, 0]) or bool(torch.isclose(dist[:, 0].double(), ref_d[:, 0]).all())
+    # Without the exclusion the copies find themselves at distance 0.
+    plain_d, _ = index.search(queries, k)
+    assert float(plain_d[: n_queries // 2, 0].max()) == 0.0 and float(dist[: n_queries // 2, 0].min()) > 0
+    if n_queries > MIN_QUERIES_FOR_CELLS and k == 9 and cpu_native_bf16():
+        assert True in calls  # the far queries' dense bf16 search ran with the exclusion
+
+
+def test_exclusion_with_ties_and_whole_cells_excluded() -> None:
+    # Duplicated rows (exact ties) and one owner per k-means cell: a query's own cell is all excluded.
+    base = blobs(40, 6, seed=5, n_clusters=4)
+    bank = torch.cat([base, base, base])  # every row three times: ties between owners
+    index = KnnIndex.build(bank, seed=0, n_cells=4)
+    cell_owner = torch.zeros(bank.shape[0], dtype=torch.long)
+    for cell in range(index.n_cells):
+        lo, hi = index.offsets[cell], index.offsets[cell + 1]
+        cell_owner[index.entry_ids[lo:hi]] = cell
+    index = KnnIndex.build(bank, seed=0, n_cells=4, owner=cell_owner)
+    queries = torch.cat([bank[torch.arange(0, 120, 1)]] * 6)[: MIN_QUERIES_FOR_CELLS + 50]
+    q_owner = cell_owner[torch.arange(queries.shape[0]) % 120]
+    for k in (1, 3):
+        dist, idx = index.search(queries, k, query_owner=q_owner)
+        ref_d, _ = float64_topk_excluding(queries, bank, k, q_owner, cell_owner)
+        torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-5)
+        assert not bool((cell_owner[idx] == q_owner[:, None]).any())
+
+
+def test_fewer_rows_left_than_k_give_inf_and_owner_errors() -> None:
+    bank = blobs(20, 4, seed=1)
+    owner = torch.zeros(20, dtype=torch.long)
+    owner[:3] = 1
+    index = KnnIndex.build(bank, owner=owner)
+    dist, idx = index.search(bank[3:5], 5, query_owner=torch.zeros(2, dtype=torch.long))
+    assert torch.isfinite(dist[:, :3]).all() and torch.isinf(dist[:, 3:]).all()
+    assert set(idx[:, :3].reshape(-1).tolist()) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="without bank owners"):
+        KnnIndex.build(bank).search(bank[:2], 1, query_owner=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="query_owner must be"):
+        index.search(bank[:2], 1, query_owner=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_torch_path_excludes_owners(k: int) -> None:
+    bank = blobs(500, 12, seed=2)
+    b_owner = torch.arange(500) // 10
+    queries = bank[::7] + 0.01
+    q_owner = b_owner[::7]
+    dist, idx = topk_torch(queries, bank, k, query_owner=q_owner, bank_owner=b_owner)
+    ref_d, _ = float64_topk_excluding(queries, bank, k, q_owner, b_owner)
+    # The plain expansion on raw norms (~40 here) errs by ~1e-2: the exclusion is what is checked.
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-2, atol=2e-2)
+    assert not bool((b_owner[idx] == q_owner[:, None]).any())

@@ -139,3 +139,29 @@ def test_interpreter_set_before_import_in_a_fresh_process() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(("n_q", "n_bank", "dim", "k"), [(37, 70, 20, 1), (20, 90, 33, 5)])
+def test_knn_excluding_owners_matches_float64(n_q: int, n_bank: int, dim: int, k: int) -> None:
+    q, bank = data(n_q, n_bank, dim, seed=n_bank)
+    b_owner = (torch.arange(n_bank) // 7).to(DEVICE)
+    q_owner = (torch.arange(n_q) % (n_bank // 7 + 1)).to(DEVICE)
+    q[:5] = bank[torch.arange(5) * 7]  # copies of their own owner's rows: excluded, not found at 0
+    q_owner[:5] = b_owner[torch.arange(5) * 7]
+    for precision in ("fp32", "exact") if DEVICE == "cuda" else ("fp32",):
+        dist, idx = knn.topk(q, bank, k, backend="triton", precision=precision, query_owner=q_owner, bank_owner=b_owner)
+        ref = torch.cdist(q.double(), bank.double())
+        ref[q_owner[:, None] == b_owner[None, :]] = float("inf")
+        ref_d, ref_i = torch.topk(ref, k, dim=1, largest=False)
+        assert torch.equal(idx.cpu(), ref_i.cpu())
+        torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-4)
+
+
+def test_knn_exclusion_leaving_fewer_than_k_rows_gives_inf() -> None:
+    q, bank = data(3, 40, 16, seed=1)
+    b_owner = torch.zeros(40, dtype=torch.int32, device=DEVICE)
+    b_owner[:2] = 1
+    dist, idx = knn.topk(q, bank, 4, backend="triton", precision="fp32",
+                         query_owner=torch.zeros(3, dtype=torch.int32, device=DEVICE), bank_owner=b_owner)
+    assert torch.isfinite(dist[:, :2]).all() and torch.isinf(dist[:, 2:]).all()
+    assert set(idx[:, :2].reshape(-1).tolist()) <= {0, 1}

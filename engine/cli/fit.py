@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="resize factor before tiling; 1 = native, 0 = the short side to the tile size (default)")
     p.add_argument("--map-size", type=int, dest="map_size", help="tiled models: long side of stored maps at most")
     p.add_argument("--coreset-ratio", type=float, dest="coreset_ratio")
+    p.add_argument("--calibration", choices=["loo", "holdout", "both"],
+                   help="threshold from leave-one-out scores of training images (default, every image in the "
+                        "model), a held-out --holdout-fraction, or both")
+    p.add_argument("--loo-images", type=int, dest="loo_images",
+                   help="training images scored leave-one-out (a seeded subset; 0 = all; default 200)")
     p.add_argument("--holdout-fraction", type=float, dest="holdout_fraction")
     p.add_argument("--target-far", type=float, dest="target_false_alarm_rate", help="target false-alarm rate")
     p.add_argument("--seed", type=int)
@@ -44,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 FIT_KEYS = ("method", "backbone", "weights", "layers", "input_size", "tile_size", "tile_overlap", "image_scale",
-            "map_size", "coreset_ratio", "holdout_fraction",
+            "map_size", "coreset_ratio", "calibration", "loo_images", "holdout_fraction",
             "target_false_alarm_rate", "seed", "batch_size", "device", "precision", "layer_balance")
 
 

@@ -2,6 +2,8 @@
 
     vade fit DATA --out MODEL_DIR [--category C] [--method patchcore|padim] [--backbone NAME] [--config FILE]
     vade scan MODEL_DIR SOURCE --out OUT_DIR [--resume] [--workers N | --scheduler ADDRESS] [--device cpu|cuda]
+    vade calibrate MODEL_DIR IMAGES [--target-far A] [--out NEW_DIR | --force]
+    vade update MODEL_DIR IMAGES [--out NEW_DIR | --force]
     vade eval MODEL_DIR DATA [--category C] [--json FILE]
     vade report OUT_DIR
     vade demo
@@ -29,7 +31,7 @@ import time
 import traceback
 
 from engine import __version__
-from engine.cli import demo, evaluate, fit, report, scan
+from engine.cli import calibrate, demo, evaluate, fit, report, scan, update
 from engine.cli.common import say
 from engine.errors import VadeError
 from engine.faults import (
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vade {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the traceback after an error's one line")
     sub = parser.add_subparsers(dest="command", required=True)
-    for verb in (fit, scan, evaluate, report, demo):
+    for verb in (fit, calibrate, update, scan, evaluate, report, demo):
         verb.register(sub)
     for verb_parser in sub.choices.values():
         verb_parser.add_argument(

@@ -43,7 +43,7 @@ from engine.faults import machine_faults
 from engine.inputs.sources import Record, Shard
 from engine.scan.batches import StageTimes
 from engine.scan.guard import ModelGuard
-from engine.scan.job import ScanJob, ScanResult, open_scan
+from engine.scan.job import ScanJob, ScanResult, open_scan, threshold_note
 from engine.scan.lock import LOCK_NAME
 from engine.scan.options import ScanOptions
 from engine.scan.progress import Progress
@@ -361,7 +361,8 @@ def scan_on_cluster(
         with job:  # holds OUT_DIR's lock; the workers write its shards under it
             counts, times, decoder = _run_job(job, live, options, str(Path(model_dir).absolute()), progress, quiet, say)
     return ScanResult(
-        Path(out_dir), counts, job.total, job.shards, len(job.done), time.perf_counter() - t0, times, decoder, device
+        Path(out_dir), counts, job.total, job.shards, len(job.done), time.perf_counter() - t0, times, decoder, device,
+        threshold_note(facts.meta),
     )
 
 

@@ -218,10 +218,27 @@ def evaluate(
         block = block_of(subset)
         per_defect[defect] = {**block, "count": int((defects == defect).sum())}
     result["per_defect"] = per_defect
+    calibration = getattr(model, "calibration", None)
+    if calibration is not None and good.any():
+        result["false_alarms"] = false_alarms(scores[good], calibration)
     result["n_images"] = len(items)
     result["n_good"] = int(good.sum())
     result["images_per_second"] = round(len(items) / seconds, 3) if seconds > 0 else None
     return result
+
+
+def false_alarms(good_scores: np.ndarray, calibration: Any) -> dict[str, Any]:
+    """The realised false-alarm rate of the model's threshold on labelled normal images, with its
+    exact (Clopper-Pearson) 95% interval, next to what the threshold promises."""
+    from engine.calibration import clopper_pearson
+
+    flagged = int((np.asarray(good_scores, dtype=np.float64) >= calibration.threshold).sum())  # is_anomalous
+    n = int(len(good_scores))
+    lo, hi = clopper_pearson(flagged, n)
+    return {"flagged": flagged, "good": n, "rate": round(flagged / n, 6), "ci95": [round(lo, 6), round(hi, 6)],
+            "target_rate": calibration.target_rate, "certified_rate": calibration.certified_rate,
+            "calibration_n": calibration.n, "calibration_source": calibration.source,
+            "sufficient": calibration.sufficient}
 
 
 def _cell(value: float | None) -> str:
@@ -245,4 +262,15 @@ def format_table(result: dict[str, Any]) -> str:
     if speed is not None:
         tail += f", {speed:.1f} images/s (decode + score)"
     lines.append(tail)
+    far = result.get("false_alarms")
+    if far:
+        lo, hi = far["ci95"]
+        line = (f"false alarms on good images: {far['flagged']} of {far['good']} ({far['rate']:.1%}, 95% CI "
+                f"{lo:.1%}-{hi:.1%})")
+        if far.get("certified_rate") is not None:
+            line += (f"; target {far['target_rate']:.2%}, certified {far['certified_rate']:.2%} by "
+                     f"{far['calibration_n']} {far['calibration_source']} images")
+            if not far.get("sufficient"):
+                line += " (too few to certify the target)"
+        lines.append(line)
     return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,9 @@ class AnomalyModel(ABC):
         self.extractor = extractor.to(self.device, memory_format=torch.channels_last)
         self.calibration: Calibration | None = None
         self.fit_stats: dict = {}
+        # What was done to the model, oldest first: {"event": fitted | calibrated | updated, "when",
+        # "images", "vade_version", ...}; saved in model.json, so a file's scores stay explainable.
+        self.history: list[dict] = []
 
     # ---- the surface the pipeline uses
 
@@ -109,21 +112,27 @@ class AnomalyModel(ABC):
             return [f.float() for f in self.extractor(x)]
 
     @torch.inference_mode()
-    def score(self, images: torch.Tensor) -> ScoreOutput:
-        """Raw image scores and anomaly maps for a batch of preprocessed images."""
+    def score(self, images: torch.Tensor, loo_owner: torch.Tensor | None = None) -> ScoreOutput:
+        """Raw image scores and anomaly maps for a batch of preprocessed images; `loo_owner` (B,):
+        the images are training images with these owner ids, scored leave-one-out."""
         if images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"images must be {self.input_size}x{self.input_size}, got {tuple(images.shape)}")
-        return self.score_features(self.features(images))
+        if loo_owner is None:
+            return self.score_features(self.features(images))
+        return self.score_features(self.features(images), loo_owner)
 
     @torch.inference_mode()
-    def score_tiles(self, images: torch.Tensor) -> torch.Tensor:
+    def score_tiles(self, images: torch.Tensor, loo_owner: torch.Tensor | None = None) -> torch.Tensor:
         """Raw patch-level grids of a batch of tiles, (B, C, h, w) float32: channel 0 the patch
-        scores, further channels what `finish_tiled` needs (stitched like the scores)."""
+        scores, further channels what `finish_tiled` needs (stitched like the scores); `loo_owner`
+        (B,): leave-one-out, as in `score`."""
         if images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"tiles must be {self.input_size}x{self.input_size}, got {tuple(images.shape)}")
-        return self.tile_grids(self.features(images))
+        if loo_owner is None:
+            return self.tile_grids(self.features(images))
+        return self.tile_grids(self.features(images), loo_owner)
 
-    def tile_grids(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+    def tile_grids(self, feature_maps: list[torch.Tensor], loo_owner: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError(f"{self.method} does not score tiles")
 
     def finish_tiled(self, stitched: torch.Tensor, layout: TileLayout) -> ImageOutput:
@@ -155,6 +164,7 @@ class AnomalyModel(ABC):
             "resize": self._resize_policy(),
             "config": self.cfg.to_dict(),
             "fit": dict(self.fit_stats),
+            "history": [dict(event) for event in self.history],
         }
         meta.update(self.extra_meta())
         if self.calibration is not None:
@@ -173,12 +183,16 @@ class AnomalyModel(ABC):
     # ---- what each method supplies
 
     @abstractmethod
-    def fit_features(self, batches: Iterable[list[torch.Tensor]], n_images: int) -> None:
-        """Learn the method's statistics from batches of backbone feature maps of normal images."""
+    def fit_features(
+        self, batches: Iterable[list[torch.Tensor]], n_images: int, owners: Sequence[int] | None = None
+    ) -> None:
+        """Learn the method's statistics from batches of backbone feature maps of normal images;
+        `owners` (filled while `batches` is read): the training image of each image (tile) fed."""
 
     @abstractmethod
-    def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
-        """Raw scores and maps from backbone feature maps."""
+    def score_features(self, feature_maps: list[torch.Tensor], loo_owner: torch.Tensor | None = None) -> ScoreOutput:
+        """Raw scores and maps from backbone feature maps; with `loo_owner` the images are training
+        images (owner ids as in the fit) scored leave-one-out, without their own contribution."""
 
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:

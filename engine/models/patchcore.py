@@ -6,12 +6,17 @@ fit:   patch embeddings of every training image -> per-layer weights (`layer_bal
 score: patch score = distance to the nearest bank row; map = patch scores upsampled to the input and
        blurred (sigma 4); image score = the max patch score reweighted by 1 - softmax over the distances
        from that patch to the `num_neighbors` bank rows nearest its nearest bank row (the paper's eq. 7).
+owner: `bank_owner[j]` is the training image (its index in the fit's image list) that bank row j came
+       from; tiles of one image share it. Scoring with `loo_owner` (one owner per image or tile)
+       excludes those rows: a training image's leave-one-out score, as if the bank had been built
+       without it (the bank's own neighbour table for the reweighting is kept as it is). Files from
+       before owners were kept load with `bank_owner = None` and cannot score leave-one-out.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -32,8 +37,11 @@ class PatchCore(AnomalyModel):
 
     bank: torch.Tensor
     bank_sq_norms: torch.Tensor
+    bank_owner: torch.Tensor | None = None  # (M,) int32: the training image of each bank row
 
-    def fit_features(self, batches: Iterable[list[torch.Tensor]], n_images: int) -> None:
+    def fit_features(
+        self, batches: Iterable[list[torch.Tensor]], n_images: int, owners: Sequence[int] | None = None
+    ) -> None:
         t0 = time.perf_counter()
         rows_store: torch.Tensor | None = None
         filled = 0
@@ -52,6 +60,12 @@ class PatchCore(AnomalyModel):
         t1 = time.perf_counter()
         picks, radius = self._weighted_coreset(embeddings)
         t2 = time.perf_counter()
+        self.bank_owner = None
+        if owners is not None:  # filled while `batches` was read: one owner per image (tile)
+            per_unit = self._fit_grid[0] * self._fit_grid[1]
+            unit_owner = torch.as_tensor(list(owners), dtype=torch.int32)
+            if unit_owner.numel() * per_unit == embeddings.shape[0]:
+                self.bank_owner = unit_owner.repeat_interleave(per_unit)[picks].contiguous()
         self._set_bank(embeddings[picks].float())
         self.fit_stats.update(
             training_patches=int(embeddings.shape[0]),
@@ -182,7 +196,7 @@ class PatchCore(AnomalyModel):
         """Build the CPU index (and, for tiles, the bank's neighbour table) now, once, so threads that
         score at the same time share them."""
         if self.device.type != "cuda" and self._index is None:
-            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed)
+            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed, owner=self.bank_owner)
         if self.cfg.tile_size and self._support is None:
             self._support = self._neighbour_table()
 
@@ -193,19 +207,32 @@ class PatchCore(AnomalyModel):
         parts = [self.nearest(self.bank[start : start + 8192], k)[1] for start in range(0, self.bank.shape[0], 8192)]
         return torch.cat(parts)
 
-    def nearest(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k nearest bank rows: the fused kernel on CUDA, a pruned cell index on CPUs."""
+    def nearest(
+        self, rows: torch.Tensor, k: int, query_owner: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k nearest bank rows: the fused kernel on CUDA, a pruned cell index on CPUs;
+        `query_owner` (per row) excludes bank rows of that owner."""
         if self.device.type == "cuda":
-            return knn.topk(rows, self.bank, k, bank_sq_norms=self.bank_sq_norms, bank_lowp=self._bank_lowp)
+            owners = {} if query_owner is None else dict(query_owner=query_owner, bank_owner=self.bank_owner)
+            return knn.topk(rows, self.bank, k, bank_sq_norms=self.bank_sq_norms, bank_lowp=self._bank_lowp, **owners)
         if self._index is None:
-            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed)
-        return self._index.search(rows, k)
+            self._index = KnnIndex.build(self.bank, seed=self.cfg.seed, owner=self.bank_owner)
+        return self._index.search(rows, k, query_owner=query_owner)
 
-    def score_features(self, feature_maps: list[torch.Tensor]) -> ScoreOutput:
+    def _row_owner(self, loo_owner: torch.Tensor | None, per_image: int) -> torch.Tensor | None:
+        """Per-patch owners from per-image (tile) owners; None without leave-one-out."""
+        if loo_owner is None:
+            return None
+        if self.bank_owner is None:
+            raise ValueError("this PatchCore model keeps no bank owners (fitted before owners were kept): "
+                             "it cannot score leave-one-out; calibrate it on held-out images")
+        return torch.as_tensor(loo_owner, dtype=torch.int32).repeat_interleave(per_image)
+
+    def score_features(self, feature_maps: list[torch.Tensor], loo_owner: torch.Tensor | None = None) -> ScoreOutput:
         emb = self._embed(feature_maps)
         b, c, h, w = emb.shape
         rows = to_rows(emb)
-        dist, idx = self.nearest(rows, 1)
+        dist, idx = self.nearest(rows, 1, self._row_owner(loo_owner, h * w))
         patch_scores = dist[:, 0].view(b, h * w)
         image_scores = self._reweighted_max(patch_scores, idx[:, 0].view(b, h * w), rows.view(b, h * w, c))
         maps = grid_to_map(patch_scores.view(b, h, w), self.input_size, self.cfg.blur_sigma)
@@ -225,13 +252,13 @@ class PatchCore(AnomalyModel):
         weights = 1.0 - torch.softmax(dists, dim=1)[:, 0]
         return weights * score
 
-    def tile_grids(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+    def tile_grids(self, feature_maps: list[torch.Tensor], loo_owner: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 2, h, w): patch scores, and per patch the reweighting factor the image score applies
         when that patch is the worst (1 - softmax over its distances to its nearest entry's support)."""
         emb = self._embed(feature_maps)
         b, c, h, w = emb.shape
         rows = to_rows(emb)
-        dist, idx = self.nearest(rows, 1)
+        dist, idx = self.nearest(rows, 1, self._row_owner(loo_owner, h * w))
         factor = torch.ones_like(dist[:, 0])
         if min(self.cfg.num_neighbors, self.bank.shape[0]) > 1:
             self.prepare_scoring()
@@ -243,12 +270,52 @@ class PatchCore(AnomalyModel):
         return torch.stack([dist[:, 0].view(b, h, w), factor.view(b, h, w)], dim=1).float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"bank": self.bank.detach().float().cpu().contiguous(), "column_weights": self.column_weights.contiguous()}
+        out = {"bank": self.bank.detach().float().cpu().contiguous(), "column_weights": self.column_weights.contiguous()}
+        if self.bank_owner is not None:
+            out["bank_owner"] = self.bank_owner.to(torch.int32).cpu().contiguous()
+        return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        owner = tensors.get("bank_owner")  # absent in files from before leave-one-out
+        if owner is not None and owner.shape != tensors["bank"].shape[:1]:
+            raise ValueError(f"bank_owner has {owner.shape[0]} rows, the bank {tensors['bank'].shape[0]}")
+        self.bank_owner = None if owner is None else owner.to(torch.int32)
         self._set_bank(tensors["bank"].float())
         # Files from before layer balancing hold no weights: their banks are unweighted.
         self._set_column_weights(tensors.get("column_weights", torch.ones(self.bank.shape[1])))
+
+    def extend_bank(self, rows: torch.Tensor, owners: torch.Tensor | None, grid: tuple[int, int]) -> dict:
+        """`vade update`: continue the fit's greedy k-center from the current bank over new weighted
+        patch rows (their distances to the bank are the starting minima) until every candidate is
+        within the fit's covering radius; the picks join the bank. Returns what was done."""
+        from kernels.coreset_cpu import greedy_kcenter_extend
+
+        radius = self.fit_stats.get("coreset_covering_radius_projected")
+        if radius is None:
+            raise ValueError("this model records no coreset covering radius: refit it to update")
+        stride = int(self.fit_stats.get("coreset_candidate_stride", 1))
+        h, w = grid
+        cell = torch.arange(rows.shape[0]) % (h * w)
+        keep = ((cell // w) % stride == 0) & ((cell % w) % stride == 0)
+        candidates = keep.nonzero().squeeze(1)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        matrix = projection_matrix(rows.shape[1], self.cfg.projection_dim, gen)
+        bank = self.bank.float().cpu()
+        proj_bank = bank @ matrix if matrix is not None else bank
+        proj_new = rows[candidates].float() @ matrix if matrix is not None else rows[candidates].float()
+        start_d, _ = KnnIndex.build(proj_bank, seed=self.cfg.seed).search(proj_new, 1)
+        picks, after = greedy_kcenter_extend(proj_bank, proj_new, float(radius), min_d=start_d[:, 0])
+        added = candidates[picks]
+        if owners is not None and self.bank_owner is not None:
+            self.bank_owner = torch.cat([self.bank_owner, owners[added].to(torch.int32)])
+        else:
+            self.bank_owner = None
+        self._set_bank(torch.cat([bank, rows[added].float()]))
+        self.fit_stats["bank_size"] = int(self.bank.shape[0])
+        self.fit_stats["training_patches"] = int(self.fit_stats.get("training_patches", 0)) + int(rows.shape[0])
+        return {"patches": int(rows.shape[0]), "candidates": int(candidates.numel()), "added": int(added.numel()),
+                "bank_size": int(self.bank.shape[0]), "covering_radius_projected": float(radius),
+                "new_rows_radius_after": round(after, 6), "farthest_new_row_before": round(float(start_d.max()), 6)}
 
     def extra_meta(self) -> dict:
         bank = getattr(self, "bank", None)
@@ -264,9 +331,16 @@ def project_for_coreset(embeddings: torch.Tensor, dim: int, seed: int) -> tuple[
     few percent) and the seeded first pick; dim <= 0 or >= the feature dim keeps the rows as they are."""
     n_total, feat_dim = embeddings.shape
     gen = torch.Generator().manual_seed(seed)
-    if 0 < dim < feat_dim:
-        matrix = torch.randn(feat_dim, dim, generator=gen) / dim**0.5
+    matrix = projection_matrix(feat_dim, dim, gen)
+    if matrix is not None:
         projected = torch.cat([embeddings[i : i + 65536].float() @ matrix for i in range(0, n_total, 65536)])
     else:
         projected = embeddings.float()
     return projected, int(torch.randint(n_total, (1,), generator=gen))
+
+
+def projection_matrix(feat_dim: int, dim: int, gen: torch.Generator) -> torch.Tensor | None:
+    """The coreset's Gaussian projection (None: rows kept as they are), drawn first from `gen`."""
+    if 0 < dim < feat_dim:
+        return torch.randn(feat_dim, dim, generator=gen) / dim**0.5
+    return None

@@ -26,7 +26,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", weight
         overrides = {"weights": str(weights)} if weights else {}
         # Files written before `precision`, layer balancing and tiling existed: fp32 CPU features,
         # raw layers, whole-image squash.
-        old = {"precision": "fp32", "layer_balance": "none", "tile_size": 0}
+        old = {"precision": "fp32", "layer_balance": "none", "tile_size": 0, "calibration": "holdout"}
         cfg = config_from_dict({**old, **meta["config"], **overrides}).resolved()
     except ConfigError as exc:
         raise ModelFileError(f"{model_dir / META_FILE} has an invalid config: {exc}") from exc
@@ -39,4 +39,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", weight
     model.load_tensors(tensors)
     model.calibration = Calibration.from_dict(meta["calibration"])
     model.fit_stats = dict(meta.get("fit", {}))
+    # Files from before the history was kept: their fit is the one event known.
+    model.history = list(meta.get("history") or [
+        {"event": "fitted", "when": meta.get("created"), "images": model.fit_stats.get("train_images"),
+         "vade_version": meta.get("vade_version")}])
     return model

@@ -21,9 +21,13 @@ from engine.models.base import AnomalyModel, ImageOutput
 
 @torch.inference_mode()
 def score_images_tiled(
-    model: AnomalyModel, images: Iterable[tuple[Any, np.ndarray | torch.Tensor]], batch: int | None = None
+    model: AnomalyModel, images: Iterable[tuple[Any, np.ndarray | torch.Tensor]], batch: int | None = None,
+    loo: bool = False,
 ) -> Iterator[tuple[Any, ImageOutput]]:
-    """(key, raw score and map) for each (key, decoded RGB uint8 (H, W, 3) image), in order."""
+    """(key, raw score and map) for each (key, decoded RGB uint8 (H, W, 3) image), in order.
+
+    loo: the images are training images and each key is the image's owner id (its index in the fit's
+    image list): every tile is scored leave-one-out, without its own image's contribution."""
     spec = model.tile_spec
     if spec is None:
         raise ValueError("a whole-image model scores batches with model.score")
@@ -31,11 +35,16 @@ def score_images_tiled(
     open_images: deque[tuple[Any, GridStitcher]] = deque()
     tiles: list[torch.Tensor] = []
     owners: list[tuple[GridStitcher, int]] = []
+    tile_owner: list[int] = []
 
     def run(count: int) -> None:
-        nonlocal tiles, owners
+        nonlocal tiles, owners, tile_owner
         stacked = torch.cat(tiles)
-        grids = model.score_tiles(stacked[:count].to(model.device))
+        if loo:
+            grids = model.score_tiles(stacked[:count].to(model.device), torch.tensor(tile_owner[:count]))
+            tile_owner = tile_owner[count:]
+        else:
+            grids = model.score_tiles(stacked[:count].to(model.device))
         for k, (stitcher, index) in enumerate(owners[:count]):
             stitcher.add(index, grids[k])
         tiles, owners = ([stacked[count:]] if count < stacked.shape[0] else []), owners[count:]
@@ -53,6 +62,8 @@ def score_images_tiled(
         for first, chunk in tile_chunks(tensor, layout, batch):
             tiles.append(chunk)
             owners += [(stitcher, first + k) for k in range(chunk.shape[0])]
+            if loo:
+                tile_owner += [int(key)] * chunk.shape[0]
             while len(owners) >= batch:
                 run(batch)
         yield from finished()

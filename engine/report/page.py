@@ -107,8 +107,10 @@ def _summary(data: ScanData) -> str:
         ("input size", meta.get("input_size")),
         ("memory bank size", meta.get("bank_size")),
         ("threshold (raw score)", _fmt(meta.get("threshold"), 5) if meta.get("threshold") is not None else None),
-        ("calibrated on", calibration.get("source")),
-        ("target false-alarm rate", config.get("target_false_alarm_rate")),
+        ("calibrated on", _calibrated_on(calibration)),
+        ("target false-alarm rate", calibration.get("target_rate", config.get("target_false_alarm_rate"))),
+        ("certified false-alarm rate", _certified(calibration)),
+        ("model history", _history(meta.get("history"))),
         ("vade version", meta.get("vade_version")),
     ]
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in model_rows if v not in (None, ""))
@@ -124,6 +126,50 @@ def _summary(data: ScanData) -> str:
         f"<table>{rows}</table>"
         f"<p class='sub'>model record: {_e(data.model_meta_source or 'none')}</p>"
     )
+
+
+def _calibrated_on(calibration: dict) -> str | None:
+    source = calibration.get("source")
+    n = calibration.get("n", len(calibration.get("normal_scores_normalized") or []))
+    return f"{source}, {n} normal images" if source else None
+
+
+def _certified(calibration: dict) -> str | None:
+    """The threshold's guarantee, in words (engine.calibration), or that the model has none."""
+    if not calibration:
+        return None
+    return calibration.get("statement") or "none: a quantile of the hold-out (model from before conformal thresholds)"
+
+
+def _history(history: object) -> str | None:
+    if not isinstance(history, list) or not history:
+        return None
+    return "; ".join(f"{e.get('event')} {str(e.get('when') or '')[:10]} on {e.get('images')} images "
+                     f"(vade {e.get('vade_version')})" for e in history if isinstance(e, dict))
+
+
+def false_alarm_note(flagged: int, good: int, calibration: dict) -> str:
+    """The realised false-alarm rate on labelled normal images, its exact 95% interval, and what it
+    says about the target (engine.calibration.clopper_pearson)."""
+    from engine.calibration import clopper_pearson
+
+    lo, hi = clopper_pearson(flagged, good)
+    line = (f"False alarms on the {good:,} labelled good images: {flagged:,} ({flagged / good:.1%}; "
+            f"95% Clopper-Pearson interval {lo:.1%} to {hi:.1%}).")
+    target = calibration.get("target_rate")
+    certified = calibration.get("certified_rate")
+    n = calibration.get("n")
+    if target is None or certified is None:
+        return line + " The model's threshold has no certified rate (recalibrate with <code>vade calibrate</code>)."
+    line += f" Target {target:.1%}; the threshold certifies {certified:.1%} from {n} normal images."
+    if not calibration.get("sufficient", True):
+        line += (f" {n} calibration images cannot certify {target:.1%} (that takes {max(1, round(1 / target - 1))}): "
+                 f"the threshold is their maximum, and a rate near {certified:.1%} is what it promises.")
+    if lo > max(target, certified):
+        line += (" <b>The realised rate is above what the threshold promises</b>: these good images do not look like "
+                 "the calibration images (new site, lighting, product variant) — recalibrate on normal images from "
+                 "here with <code>vade calibrate</code>.")
+    return line
 
 
 def _scores_section(data: ScanData, reference: np.ndarray | None, ref_quantiles: dict | None) -> str:
@@ -179,12 +225,16 @@ def _label_section(data: ScanData) -> str:
     )
     plot = f'<img class="plot" alt="ROC and precision-recall curves" src="{plots.roc_pr(curves)}">' if curves else ""
     sampled = "" if data.sample_fraction >= 1 else f" Computed on a random sample of {len(rows):,} labelled rows."
+    meta = data.model_meta or {}
+    calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
+    n_good = int(good.sum())
+    far = f"<p class='note'>{false_alarm_note(int((scores[good] >= 0.5).sum()), n_good, calibration)}</p>" if n_good else ""
     return (
         '<h2 id="labels">Labelled accuracy</h2>'
         "<table><tr><th>defect type (vs good)</th><th>anomalous</th><th>good</th><th>AUROC</th><th>F1-max</th>"
         "<th>score at F1-max</th><th>recall at 0.5</th><th>false alarms at 0.5</th></tr>"
         f"{body}</table>{plot}<p class='note'>Each defect type is measured against all good images. "
-        f"\"at 0.5\" uses the model's calibrated threshold, as <code>is_anomalous</code> does.{sampled}</p>"
+        f"\"at 0.5\" uses the model's calibrated threshold, as <code>is_anomalous</code> does.{sampled}</p>{far}"
     )
 
 

@@ -71,12 +71,24 @@ class ScanResult:
     times: StageTimes
     decoder: str
     device: str
+    threshold_note: str = ""  # what the threshold promises (engine.calibration), from the model's record
 
     def summary(self) -> str:
-        return (
+        line = (
             f"scanned {self.total} images: {self.counts.ok} ok, {self.counts.error} error, "
             f"{self.counts.anomalous} anomalous -> {self.out_dir}"
         )
+        return f"{line}\n{self.threshold_note}" if self.threshold_note else line
+
+
+def threshold_note(meta: dict) -> str:
+    """How sure the threshold is, from a model's model.json record: n, requested and certified rate."""
+    cal = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
+    if cal.get("statement"):
+        return f"anomalous = above the threshold: {cal['statement']}"
+    n = len(cal.get("normal_scores") or [])
+    return (f"anomalous = above the threshold, a quantile of {n} {cal.get('source', 'hold-out')} scores: no certified "
+            "false-alarm rate (model from before conformal thresholds; `vade calibrate` gives one)")
 
 
 @dataclass
@@ -299,5 +311,5 @@ def scan(
     decoder = make_decoder(options.decoder, job.model.device, options.batch_size).name
     return ScanResult(
         Path(out_dir), counts, job.total, job.shards, len(job.done), time.perf_counter() - t0, times, decoder,
-        str(job.model.device),
+        str(job.model.device), threshold_note(getattr(job.model, "meta", {}) or {}),
     )
