@@ -367,9 +367,10 @@ def scan_on_cluster(
         local = load_model(model_dir, device="cpu")
         facts = _ModelFacts(local.input_size, local.meta, float(local.threshold), torch.device(device), local.tile_spec)
         del local
-        job = open_scan(model_dir, source, out_dir, options, resume=resume, model=facts, say=say)
+        threads = max(1, sum(live.nthreads().values()))
+        job = open_scan(model_dir, source, out_dir, options, resume=resume, model=facts, say=say, workers=threads)
         with job:  # holds OUT_DIR's lock; the workers write its shards under it
-            counts, times, decoder = _run_job(job, live, options, str(Path(model_dir).absolute()), progress, quiet, say)
+            counts, times, decoder = _run_job(job, live, job.options, str(Path(model_dir).absolute()), progress, quiet, say)
     return ScanResult(
         Path(out_dir), counts, job.total, job.shards, len(job.done), time.perf_counter() - t0, times, decoder, device
     )
