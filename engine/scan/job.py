@@ -35,7 +35,12 @@ from engine.scan.batches import StageTimes
 from engine.scan.guard import ModelGuard
 from engine.scan.lock import LOCK_NAME, ScanLock
 from engine.scan.loop import run_shards
-from engine.scan.options import MODEL_BATCH, ScanOptions, auto_shard_size, resolve_model_batch
+from engine.scan.options import (
+    MODEL_BATCH,
+    ScanOptions,
+    auto_shard_size,
+    resolve_model_batch,
+)
 from engine.scan.progress import Progress
 from engine.scan.store import (
     ScanStore,
