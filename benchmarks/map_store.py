@@ -4,7 +4,7 @@ layout vade wrote before, on N synthetic maps written through the scan's own sto
     nice -n 10 python benchmarks/map_store.py --maps 100000 --size 64 --root /tmp/vade_map_store
 
 Per layout: storage objects (files), bytes (apparent and on disk), write MB/s (uncompressed float16),
-random single-map read latency (fresh process-level open, warm page cache). JSON to
+random single-map read latency (one open array, warm page cache), load average beside it (a shared machine). JSON to
 benchmarks/results/map_store.json.
 """
 
@@ -48,9 +48,10 @@ def old_layout(out: Path, count: int, size: int) -> zarr.Array:
     )  # fmt: skip
 
 
-def write(layout: str, out: Path, pool: np.ndarray, count: int, shard_size: int) -> float:
+def write(layout: str, out: Path, pool: np.ndarray, count: int, shard_size: int) -> tuple[float, float]:
+    """(wall s, process CPU s) to write `count` maps in `layout`."""
     size = pool.shape[1]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if layout == "sharded":
         manifest = {"count": count, "map_size": size, "shard_size": shard_size,
                     "rows_schema": encode_schema(rows_schema(pa.schema([])))}  # fmt: skip
@@ -67,7 +68,7 @@ def write(layout: str, out: Path, pool: np.ndarray, count: int, shard_size: int)
         for first in range(0, count, BATCH):  # the writer wrote each batch at once
             n = min(BATCH, count - first)
             maps[first : first + n] = pool[np.arange(first, first + n) % len(pool)]
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def footprint(folder: Path) -> tuple[int, int, int]:
@@ -108,11 +109,13 @@ def main() -> None:
     rows = []
     for layout in ("sharded", "per_image"):
         out = root / layout
-        wall = write(layout, out, pool, args.maps, args.shard_size)
+        load_before = os.getloadavg()[0]
+        wall, cpu = write(layout, out, pool, args.maps, args.shard_size)
         files, apparent, on_disk = footprint(out / "maps.zarr")
         latency = read_latency(out, args.maps, args.reads, pool)
         rows.append(record(
-            "map_store", layout, wall, wall, raw_mb, write_mb_s=round(raw_mb / wall, 1), files=files,
+            "map_store", layout, wall, cpu, raw_mb, write_mb_s=round(raw_mb / wall, 1),
+            write_mb_per_cpu_s=round(raw_mb / cpu, 1), load_average_1m=[load_before, os.getloadavg()[0]], files=files,
             bytes=apparent, bytes_on_disk=on_disk, read=latency,
             map_shard_images=map_shard_length(args.shard_size, args.size) if layout == "sharded" else 1,
         ))  # fmt: skip
@@ -120,7 +123,8 @@ def main() -> None:
         shutil.rmtree(out)
     path = write_result(args.json, {"maps": args.maps, "map": f"{args.size}x{args.size} float16",
                                     "shard_size": args.shard_size, "raw_mb": raw_mb, "results": rows,
-                                    "note": "cpu_s column = wall; reads on a warm page cache"})  # fmt: skip
+                                    "note": "rate = uncompressed MB/s of wall time; cpu_s = process CPU time; reads on a warm page cache; "
+                                    "the 2-core machine was shared (see load_average_1m)"})  # fmt: skip
     print(path)
 
 
