@@ -33,6 +33,7 @@ def test_fit_then_eval_on_a_folder(demo_root: Path, tmp_path: Path) -> None:
     run = vade("fit", str(demo_root), "--category", "weave", "--out", str(model), "--input-size", "64",
                "--method", "padim", "--device", "cpu")
     assert run.returncode == 0, run.stderr
+    assert "fit features: " in run.stderr and " images (100.0%)" in run.stderr  # the feature pass's progress
     assert json.loads((model / "model.json").read_text())["method"] == "padim"
     again = vade("fit", str(demo_root), "--category", "weave", "--out", str(model))
     assert again.returncode == 2 and "--force" in again.stderr

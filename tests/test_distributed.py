@@ -245,3 +245,15 @@ def test_one_progress_bar_counts_every_image_once(client, scan_model_dir: Path, 
     assert progress.done == progress.total == 13
     counts = [int(line.split(": ")[1].split("/")[0]) for line in stream.getvalue().splitlines()]
     assert counts[-1] == 13 and max(counts) == 13 and len(counts) >= 2
+
+
+def test_the_automatic_shard_size_spreads_the_work_and_changes_no_result(
+    client, scan_model_dir: Path, many_images: Path, tmp_path: Path
+) -> None:
+    reference = _reference(scan_model_dir, many_images, tmp_path / "ref", shard_size=50)  # one process, other shards
+    result = scan_on_cluster(scan_model_dir, many_images, tmp_path / "out", client=client, **SETTINGS)
+    assert result.shards == 6  # 162 images on 2 workers: shards of 32, not one of 1,024
+    rows = pq.read_table(tmp_path / "out" / "scores.parquet")
+    assert set(rows["shard"].to_pylist()) == set(range(6))
+    assert rows.drop_columns(["shard"]).equals(_rows(reference).drop_columns(["shard"]))
+    assert np.array_equal(_maps(tmp_path / "out"), _maps(reference), equal_nan=True)

@@ -47,3 +47,19 @@ def test_quiet_prints_nothing() -> None:
 
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (0.4, 75, 3725, float("nan"))] == ["0s", "1m15s", "1h02m05s", "--"]
+
+
+def test_counted_passes_batches_through_and_counts_their_rows() -> None:
+    import torch
+
+    from engine.scan.progress import counted
+
+    out = io.StringIO()
+    batches = [torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(2, 3)]
+    seen = list(counted(iter(batches), 10, label="fit features", unit="tiles", stream=out, tty=False, line_every_s=0.0))
+    assert seen == batches
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("fit features: 4/10 tiles (40.0%)") and "tiles/s, ETA" in lines[0]
+    assert lines[-1].startswith("fit features: 10/10 tiles (100.0%)")
+    quiet = io.StringIO()
+    assert len(list(counted(iter(batches), 10, label="x", quiet=True, stream=quiet))) == 3 and not quiet.getvalue()

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     p.add_argument("--decoder", default="auto", choices=DECODERS, help="image decoder (default auto: DALI when installed)")
     p.add_argument("--batch-size", type=int, default=ScanOptions.batch_size, help="images decoded and written together (the backbone runs fixed micro-batches: 8 on CPU, 64 on CUDA)")
-    p.add_argument("--shard-size", type=int, default=ScanOptions.shard_size, help="images per shard (unit of resume)")
+    p.add_argument("--shard-size", type=int, default=ScanOptions.shard_size, help="images per shard (unit of resume and of a worker's task; default: from the input count and the workers, at most 1024)")
     p.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images as decompression bombs"
     )

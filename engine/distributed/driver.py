@@ -12,11 +12,13 @@ once (engine.distributed.worker); the driver consolidates scores.parquet at the 
 the shards that have a completion marker, whichever process wrote them.
 
 Faults. A worker killed mid-shard: Dask reruns the shard on another worker, which rewrites all of the
-shard's chunks, its part and its marker, so the half-written attempt leaves nothing behind. A shard
+shard's map shards, its part and its marker, so the half-written attempt leaves nothing behind. A shard
 that kills a worker every time (a file that crashes the decoder: a segfault, an abort, an OOM kill) ends
 in KilledWorker after `allowed_failures` deaths; the driver then splits it into SPLIT_WAYS pieces, and
 recursively each piece that kills again, down to single inputs. A single input that still kills its
-worker becomes an error row; the other pieces' rows are joined into the shard's one part, in order.
+worker becomes an error row; the other pieces' rows are joined into the shard's one part, in order,
+and their maps (sent back, not written: a piece covers part of a map shard) are written by the driver
+as the shard's whole map shards, at most one shard's maps in memory per split shard.
 
 Progress: one bar for the whole cluster; workers report images scanned (at most every half second per
 task) through a Dask event topic, and a finished task sets its count exactly.
@@ -69,11 +71,12 @@ class _ModelFacts:
 
 @dataclass
 class _Split:
-    """A shard being scanned in pieces: rows by piece start, until every piece is back."""
+    """A shard being scanned in pieces: rows by piece start and maps, until every piece is back."""
 
     shard: Shard
     waiting: int = 0
     rows: dict = dataclasses.field(default_factory=dict)
+    maps: list = dataclasses.field(default_factory=list)  # (first position, maps) of the pieces back
     counts: ShardCounts = dataclasses.field(default_factory=ShardCounts)
 
 
@@ -188,7 +191,7 @@ class _Runner:
         for piece in poison:
             rows, counts = _crash_row(self.job, piece, known[piece.start])
             self.tally.finish(f"known-{self.token}-{piece.start}", 1)
-            self._piece_done(split, piece, rows, counts)
+            self._piece_done(split, piece, rows, counts, [])
         for sub in reversed(runs):
             self.backlog.appendleft(_Task(sub, split, f"vade-piece-{self.token}-{sub.id}-{sub.start}-{sub.stop}"))
 
@@ -222,17 +225,24 @@ class _Runner:
         self.decoder = self.decoder or result.decoder
         self.tally.finish(task.key, result.images)
         if task.split is not None:
-            self._piece_done(task.split, task.piece, result.rows, result.counts)
+            self._piece_done(task.split, task.piece, result.rows, result.counts, result.maps)
 
-    def _piece_done(self, split: _Split, piece: Shard, rows: Any, counts: ShardCounts) -> None:
+    def _piece_done(self, split: _Split, piece: Shard, rows: Any, counts: ShardCounts, maps: list) -> None:
+        import numpy as np
         import pyarrow as pa
 
         split.rows[piece.start] = rows
+        split.maps.extend(maps)
         split.counts += counts
         split.waiting -= 1
-        if split.waiting == 0:  # every piece's maps are written: now the shard's part, then its marker
+        if split.waiting == 0:  # every piece is back: the shard's maps (whole map shards), its part, its marker
+            shard, size = split.shard, int(self.job.store.manifest["map_size"])
+            block = np.full((len(shard.records), size, size), np.nan, dtype=np.float16)
+            for first, piece_maps in split.maps:
+                block[first - shard.start : first - shard.start + len(piece_maps)] = piece_maps
+            self.job.store.write_maps(shard.start, block)
             table = pa.concat_tables([split.rows[start] for start in sorted(split.rows)])
-            self.job.store.finish_shard(split.shard.id, split.shard.start, table, split.counts)
+            self.job.store.finish_shard(shard.id, shard.start, table, split.counts)
 
     def _failed(self, task: _Task, error: BaseException) -> None:
         from distributed import KilledWorker
@@ -255,7 +265,7 @@ class _Runner:
             self.say(f"input {record.path} killed the worker each time it was scanned; recorded as an error row")
             rows, counts = _crash_row(self.job, piece, message)
             self.tally.finish(task.key, 1)
-            self._piece_done(split, piece, rows, counts)
+            self._piece_done(split, piece, rows, counts, [])
             return
         pieces = _pieces(piece)
         split.waiting += len(pieces) - (0 if task.split is None else 1)
@@ -357,9 +367,10 @@ def scan_on_cluster(
         local = load_model(model_dir, device="cpu")
         facts = _ModelFacts(local.input_size, local.meta, float(local.threshold), torch.device(device), local.tile_spec)
         del local
-        job = open_scan(model_dir, source, out_dir, options, resume=resume, model=facts, say=say)
+        threads = max(1, sum(live.nthreads().values()))
+        job = open_scan(model_dir, source, out_dir, options, resume=resume, model=facts, say=say, workers=threads)
         with job:  # holds OUT_DIR's lock; the workers write its shards under it
-            counts, times, decoder = _run_job(job, live, options, str(Path(model_dir).absolute()), progress, quiet, say)
+            counts, times, decoder = _run_job(job, live, job.options, str(Path(model_dir).absolute()), progress, quiet, say)
     return ScanResult(
         Path(out_dir), counts, job.total, job.shards, len(job.done), time.perf_counter() - t0, times, decoder, device,
         threshold_note(facts.meta),

@@ -2,8 +2,9 @@
 
 A whole shard is written exactly as the single-process scan writes it (its Zarr chunks, then its
 Parquet part, then its completion marker), so a rerun after a lost worker rewrites the same bytes.
-A piece (a run of a shard's records, made when the shard kept killing workers) writes its Zarr chunks
-and returns its rows; the driver joins a split shard's pieces into the shard's one part and marker.
+A piece (a run of a shard's records, made when the shard kept killing workers) returns its rows and
+maps; the driver joins a split shard's pieces into the shard's maps (written whole: a piece covers
+only part of a map shard), then its one part and marker.
 
 The model is loaded once per worker process, on the first task that needs it, and kept in a
 process-wide cache keyed by model folder, model fingerprint (SHA-256 of model.json) and device; tasks
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from engine.errors import ConfigError
@@ -83,12 +85,17 @@ def worker_device_type(device: str) -> str:
 
 
 class RowsCollector(ScanStore):
-    """A ScanStore that keeps a piece's rows in memory instead of writing a part and a marker."""
+    """A ScanStore that keeps a piece's rows and maps in memory instead of writing them: a piece covers
+    part of a map shard, so the driver writes the shard's maps whole once every piece is back."""
 
     def __init__(self, store: ScanStore):
         super().__init__(store.out_dir, store.manifest)
         self.rows: pa.Table | None = None
         self.counts = ShardCounts()
+        self.maps: list[tuple[int, np.ndarray]] = []
+
+    def write_maps(self, start: int, block: np.ndarray) -> None:
+        self.maps.append((start, block))
 
     def finish_shard(self, shard_id: int, start: int, rows: pa.Table, counts: ShardCounts) -> None:
         self.rows, self.counts = rows, counts
@@ -134,6 +141,7 @@ class PieceResult:
     decoder: str
     rows: pa.Table | None = None
     worker: str = ""
+    maps: list[tuple[int, np.ndarray]] | None = None  # a piece's maps: (first position, block)
 
 
 @dataclass
@@ -180,5 +188,5 @@ def scan_piece(
         model, [shard], target, options, on_batch=_Reporter(topic, key), on_shard_done=lambda _s, c: counts.append(c),
         decoder=decoder,
     )
-    rows = None if whole else target.rows
-    return PieceResult(len(shard.records), counts[0], times, decoder.name, rows, get_worker().address)
+    rows, maps = (None, None) if whole else (target.rows, target.maps)
+    return PieceResult(len(shard.records), counts[0], times, decoder.name, rows, get_worker().address, maps)

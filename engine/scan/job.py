@@ -15,6 +15,7 @@ loop (engine.scan.loop) so decoding never stalls between shards.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +35,12 @@ from engine.scan.batches import StageTimes
 from engine.scan.guard import ModelGuard
 from engine.scan.lock import LOCK_NAME, ScanLock
 from engine.scan.loop import run_shards
-from engine.scan.options import MODEL_BATCH, ScanOptions, resolve_model_batch
+from engine.scan.options import (
+    MODEL_BATCH,
+    ScanOptions,
+    auto_shard_size,
+    resolve_model_batch,
+)
 from engine.scan.progress import Progress
 from engine.scan.store import (
     ScanStore,
@@ -196,10 +202,12 @@ def open_scan(
     resume: bool = False,
     model: Any = None,
     say: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> ScanJob:
     """Load the model, plan SOURCE (one streaming pass) and create OUT_DIR, or reopen it to resume.
 
-    Takes OUT_DIR's lock first (engine.scan.lock): a second scan into it is refused (ScanLocked); the
+    shard_size 0 resolves to auto_shard_size(count, workers) for a new scan and to the stored size on
+    resume; job.options holds the resolved value. Takes OUT_DIR's lock first (engine.scan.lock): a second scan into it is refused (ScanLocked); the
     job holds the lock until close()."""
     options.validate()
     out_dir = Path(out_dir)
@@ -207,7 +215,7 @@ def open_scan(
         check_new_out_dir(out_dir)  # before any slow work (a locked folder: the lock says more)
     lock = ScanLock.acquire(out_dir, say)
     try:
-        job = _open_locked(model_dir, source, out_dir, options, resume, model)
+        job = _open_locked(model_dir, source, out_dir, options, resume, model, workers)
     except BaseException:
         lock.release()
         raise
@@ -216,8 +224,9 @@ def open_scan(
 
 
 def _open_locked(
-    model_dir: str | Path, source: str | Path, out_dir: Path, options: ScanOptions, resume: bool, model: Any
-) -> ScanJob:
+    model_dir: str | Path, source: str | Path, out_dir: Path, options: ScanOptions, resume: bool, model: Any,
+    workers: int,
+) -> ScanJob:  # fmt: skip
     from engine.models.registry import load_model
 
     if not resume:
@@ -229,7 +238,7 @@ def _open_locked(
     listing = out_dir / LISTING_NAME
     tmp = listing.with_name(f"{LISTING_NAME}.tmp-{os.getpid()}")
     try:
-        job = _create_or_reopen(model_dir, source, out_dir, options, resume, model, src, tmp)
+        job = _create_or_reopen(model_dir, source, out_dir, options, resume, model, src, tmp, workers)
         os.replace(tmp, listing)  # shards are cut from what was listed, not from a second walk
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -240,9 +249,13 @@ def _open_locked(
 
 def _create_or_reopen(
     model_dir: str | Path, source: str | Path, out_dir: Path, options: ScanOptions, resume: bool, model: Any,
-    src: Source, listing: Path,
+    src: Source, listing: Path, workers: int,
 ) -> ScanJob:  # fmt: skip
     planned = write_listing(src, listing)
+    reopening = resume and not _is_fresh(out_dir)
+    if not options.shard_size:
+        stored = _stored_shard_size(out_dir) if reopening else None
+        options = dataclasses.replace(options, shard_size=stored or auto_shard_size(planned.count, workers))
     manifest = {
         "vade_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -262,11 +275,19 @@ def _create_or_reopen(
         "rows_schema": encode_schema(rows_schema(src.extra_schema, map_shapes=model.tile_spec is not None)),
         "model_meta": model.meta,
     }
-    if resume and not _is_fresh(out_dir):
+    if reopening:
         store = ScanStore.reopen(out_dir, manifest)
     else:
         store = ScanStore.create(out_dir, manifest, _maps_attrs(model, map_slot(model)))
     return ScanJob(model, src, store, options, set(store.done_shards()))
+
+
+def _stored_shard_size(out_dir: Path) -> int | None:
+    """The shard size a scan to resume was started with (its scan.json), if readable."""
+    try:
+        return int(json.loads((out_dir / "scan.json").read_text(encoding="utf-8"))["shard_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # ScanStore.reopen says what is wrong with the folder
 
 
 def scan(

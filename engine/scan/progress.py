@@ -1,7 +1,8 @@
-"""Scan progress: a redrawn bar with images/s and ETA on a terminal, plain periodic lines elsewhere.
+"""Progress of long work (a scan, a fit's feature pass): a redrawn bar with items/s and ETA on a
+terminal, plain periodic lines elsewhere, on stderr.
 
-Rates are measured over the images processed in this run (a resumed scan counts what it skipped as
-already done, not as speed).
+Rates are measured over the items processed in this run (a resumed scan counts what it skipped as
+already done, not as speed). `counted` wraps an iterator of batches in a bar.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
 
 
 def format_duration(seconds: float) -> str:
@@ -35,13 +37,14 @@ class Progress:
         line_every_s: float = 10.0,
         redraw_every_s: float = 0.2,
         label: str = "scan",
+        unit: str = "images",
     ):
         self.stream = stream if stream is not None else sys.stderr
         self.total, self.done, self.start_done = total, done, done
         self.quiet = quiet
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval = redraw_every_s if self.tty else line_every_s
-        self.label = label
+        self.label, self.unit = label, unit
         self.started = time.monotonic()
         self._last_draw = self.started
         self._lock = threading.Lock()
@@ -60,7 +63,8 @@ class Progress:
         rate = self.rate()
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"{self.done}/{self.total} images ({pct:.1f}%), {rate:.1f} images/s, ETA {format_duration(eta)}"
+        u = self.unit
+        return f"{self.done}/{self.total} {u} ({pct:.1f}%), {rate:.1f} {u}/s, ETA {format_duration(eta)}"
 
     def bar(self, width: int = 30) -> str:
         filled = int(width * self.done / self.total) if self.total else width
@@ -90,3 +94,16 @@ class Progress:
             if self.tty:
                 self.stream.write("\n")
             self.stream.flush()
+
+
+def counted(
+    batches: Iterable[Any], total: int, *, label: str, unit: str = "images", quiet: bool = False,
+    stream: TextIO | None = None, tty: bool | None = None, line_every_s: float = 10.0,
+) -> Iterator[Any]:  # fmt: skip
+    """`batches` unchanged, with a bar that advances by each batch's len() (rows of a tensor) and
+    closes when they run out. `quiet` draws nothing."""
+    bar = Progress(total, stream=stream, quiet=quiet, tty=tty, line_every_s=line_every_s, label=label, unit=unit)
+    for batch in batches:
+        yield batch
+        bar.advance(len(batch))
+    bar.close()

@@ -4,13 +4,19 @@
     OUT_DIR/scan.json             what this scan is (model, source, counts, settings) and its state
     OUT_DIR/scan.lock             while a scan runs: its lock and holder (engine.scan.lock)
     OUT_DIR/_listing.parquet      until the scan is complete: SOURCE as listed, the shards' records (engine.inputs.listing)
-    OUT_DIR/maps.zarr             group; array `maps` (N, H, W) float16, one chunk per image, Blosc (byte shuffle + zstd level 1)
+    OUT_DIR/maps.zarr             group; array `maps` (N, H, W) float16, Zarr v3 sharding codec: one storage object
+                                  (maps.zarr/maps/c/K/0/0) per map shard of L images, inner chunk = one image (Blosc
+                                  byte shuffle + zstd level 1), so one map still reads alone; stores written before
+                                  sharding have one object per image and are read (and resumed) as they are
     OUT_DIR/_parts/shard-K.parquet  rows of shard K, written whole (temp file + rename)
     OUT_DIR/_done/shard-K.json      shard K's completion marker, written after its maps and rows
     OUT_DIR/scores.parquet        every part in shard order, written once all shards are done
 
-A shard writes only its own Zarr chunks (positions [start, stop)), so shards never share a chunk and
-need no locks; rerunning a shard rewrites the same chunks with the same values.
+Zarr has no locks, and writing part of a sharded object is a read-modify-write. So a scan shard
+covers a whole number of map shards (shard_size is a multiple of L, see map_shard_length) and the
+writer (engine.scan.writer) buffers each map shard and writes it once, whole: scan shards never share
+a storage object, and rerunning a shard rewrites the same objects with the same values. Each object is
+written atomically (zarr's LocalStore: temporary file + rename).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from engine.inputs.listing import LISTING_NAME
 from engine.scan.lock import LOCK_NAME
 
 SCAN_FORMAT = "vade-scan/1"
+MAP_SHARD_BYTES = 64 * 2**20  # uncompressed bytes of one map shard: what a writer buffers per scan shard in flight
 CONTRACT_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # as given; a name that is not UTF-8 shows its bytes as \xNN here
@@ -142,10 +149,12 @@ class ScanStore:
         for folder in (out_dir, store.parts_dir, store.done_dir):
             folder.mkdir(parents=True, exist_ok=True)
         count, size = manifest["count"], manifest["map_size"]
+        length = map_shard_length(manifest["shard_size"], size)
         group = zarr.open_group(store.maps_path, mode="w")
         maps = group.create_array(
             "maps",
             shape=(count, size, size),
+            shards=(length, size, size),
             chunks=(1, size, size),
             dtype="float16",
             fill_value=np.nan,
@@ -200,6 +209,17 @@ class ScanStore:
     def maps_array(self) -> zarr.Array:
         return zarr.open_array(self.maps_path / "maps", mode="r+")
 
+    def map_shard_images(self) -> int:
+        """L: images per storage object of maps.zarr (1 for a store written before sharding)."""
+        shards = self.maps_array().shards
+        return int(shards[0]) if shards else 1
+
+    def write_maps(self, start: int, block: np.ndarray) -> None:
+        """Maps of positions [start, start + len(block)); whole map shards (or the array's last, shorter one)."""
+        if getattr(self, "_maps", None) is None:
+            self._maps = self.maps_array()
+        self._maps[start : start + len(block)] = block
+
     def _marker(self, shard_id: int) -> Path:
         return self.done_dir / f"shard-{shard_id:08d}.json"
 
@@ -241,6 +261,19 @@ class ScanStore:
         self.manifest["state"] = "complete"
         self._write_manifest()
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+
+def map_shard_length(shard_size: int, map_size: int, budget: int = MAP_SHARD_BYTES) -> int:
+    """Images per storage object: the largest divisor of shard_size whose maps fit in `budget` bytes
+    (float16, map_size x map_size), so each scan shard is a whole number of map shards."""
+    fits = max(1, budget // (2 * map_size * map_size))
+    best = 1
+    for d in range(1, int(shard_size**0.5) + 1):
+        if shard_size % d == 0:
+            for divisor in (d, shard_size // d):
+                if best < divisor <= fits:
+                    best = divisor
+    return best
 
 
 # Settings that change the result: resuming with a different value would mix two scans.

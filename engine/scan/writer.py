@@ -1,7 +1,8 @@
-"""The scan's writer stage: scored batches -> maps into Zarr at once, rows into the shard's Parquet part.
+"""The scan's writer stage: scored batches -> maps into Zarr, rows into the shard's Parquet part.
 
-A shard's rows are collected across its batches and written whole, with its completion marker, after
-its last batch (engine.scan.store).
+Maps are buffered until they fill a map shard (L images, one storage object) and each map shard is
+written once, whole; a shard's rows are collected across its batches and written whole, with its
+completion marker, after its last batch, when the rest of its maps are flushed (engine.scan.store).
 """
 
 from __future__ import annotations
@@ -24,12 +25,47 @@ from engine.scan.store import (
 )
 
 
+class MapBuffer:
+    """Consecutive maps of one shard, written out in whole map shards of `length` images.
+
+    Holds at most one map shard plus one batch; `flush` writes what is left (the scan shard's end)."""
+
+    def __init__(self, store: ScanStore, length: int):
+        self.store, self.length = store, length
+        self.start = 0
+        self.blocks: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, first: int, block: np.ndarray) -> None:
+        if not self.blocks:
+            self.start = first
+        elif first != self.start + self.size:
+            raise AssertionError(f"maps out of order: position {first} after {self.start + self.size}")
+        self.blocks.append(block)
+        self.size += len(block)
+        whole = (self.start + self.size) // self.length * self.length - self.start  # up to the last boundary
+        if whole > 0:
+            self._write(whole)
+
+    def flush(self) -> None:
+        if self.size:
+            self._write(self.size)
+
+    def _write(self, count: int) -> None:
+        data = self.blocks[0] if len(self.blocks) == 1 else np.concatenate(self.blocks)
+        self.store.write_maps(self.start, data[:count])
+        rest = data[count:]
+        self.start += count
+        self.blocks, self.size = ([rest] if len(rest) else []), len(rest)
+
+
 class ShardWriter:
-    """Writes scored batches: maps into Zarr at once, rows collected and written when a shard ends."""
+    """Writes scored batches: maps in whole map shards, rows collected and written when a shard ends."""
 
     def __init__(self, store: ScanStore, on_shard_done: Callable[[Shard, ShardCounts], None] | None = None):
         self.store = store
-        self.maps = store.maps_array()
+        self.map_shape = (int(store.manifest["map_size"]),) * 2
+        self.buffer = MapBuffer(store, store.map_shard_images())
         self.extra_names = {name: output_name(name) for name in store.manifest.get("source_columns", [])}
         self.on_shard_done = on_shard_done
         self.map_shapes = "map_height" in store.schema.names
@@ -42,13 +78,13 @@ class ShardWriter:
         t0 = time.perf_counter()
         loaded = scored.loaded
         first = loaded.records[0].position
-        block = np.full((len(loaded.records), *self.maps.shape[1:]), np.nan, dtype=np.float16)
+        block = np.full((len(loaded.records), *self.map_shape), np.nan, dtype=np.float16)
         if isinstance(scored.maps, list):  # tiled: each map at its own shape, NaN around it
             for offset, amap in zip(loaded.ok, scored.maps, strict=True):
                 block[offset, : amap.shape[0], : amap.shape[1]] = amap
         elif loaded.ok:
             block[loaded.ok] = scored.maps
-        self.maps[first : first + len(loaded.records)] = block  # error slots stay empty (NaN fill)
+        self.buffer.add(first, block)  # error slots stay empty (NaN)
         result_of = {offset: i for i, offset in enumerate(loaded.ok)}
         cols = self._columns or {name: [] for name in self.store.schema.names}
         self._columns = cols
@@ -75,6 +111,7 @@ class ShardWriter:
                 cols[out_name].append(record.extra.get(name))
         self._counts += ShardCounts(len(loaded.ok), len(loaded.errors), int(scored.anomalous.sum()))
         if loaded.last_in_shard:
+            self.buffer.flush()
             table = shard_rows(self.store.schema, cols)
             self.store.finish_shard(loaded.shard.id, loaded.shard.start, table, self._counts)
             if self.on_shard_done:
