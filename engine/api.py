@@ -25,6 +25,7 @@ from engine.models.registry import MODELS
 from engine.models.registry import load_model as load
 from engine.models.tiled import score_images_tiled
 from engine.scan.job import scan
+from engine.scan.progress import Progress as ProgressBar
 from engine.scan.progress import counted
 from engine.tiling import TileSpec
 
@@ -248,6 +249,8 @@ def fit(
         model.fit_stats.update(training_tiles=units, tiles_total=tiles_total)
         owner_of = {path: i for i, path in enumerate(train)}
         images_in = iter_tile_batches(plan, spec, cfg.batch_size, skipped, read_timeout, owners, owner_of)
+    if progress is not None:
+        model.step_bar = lambda total, label: ProgressBar(total, label=label, unit="picks")
     images_in = counted(images_in, units, label="fit features", unit="tiles" if spec else "images", quiet=progress is None)
     batches = (_finite(model.features(b), cfg) for b in images_in)
     model.fit_features(batches, units, owners)

@@ -79,7 +79,10 @@ class FitConfig:
     # Above this many training patches the coreset picks from every s-th row and column of each
     # patch grid (the smallest s that brings them under it): exact greedy k-center among those
     # candidates, 4x faster at s = 2. 0 = always among all rows (the exact greedy on everything).
-    coreset_candidates: int = 400_000
+    # A quarter of max_train_patches, so the default fit thins to s = 2 at most: pcb's 400 images at
+    # 512 px (1.64 M patches), covering radius over all patches 38.4 at s = 2, 41.1 at s = 3 (exact
+    # greedy over all: ~29; benchmarks/results/coreset_thinning_pcb512_400.json).
+    coreset_candidates: int = 500_000
     num_neighbors: int = 9  # reweighting neighbourhood of the image score
     # Per-layer column weights, so that each layer carries the same share of
     #   nearest: the squared distances from training patches to their nearest coreset entry (what

@@ -22,6 +22,8 @@ folds the newest pick into min_d2 and takes the arg-max:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kernels._checks import check_2d, use_triton
@@ -169,15 +171,17 @@ def greedy_kcenter_torch(x: torch.Tensor, n: int, start: int = 0) -> torch.Tenso
 
 
 def greedy_kcenter_with_radius(
-    x: torch.Tensor, n: int, *, start: int = 0, backend: str = "auto"
+    x: torch.Tensor, n: int, *, start: int = 0, backend: str = "auto", progress: Callable[[int], None] | None = None
 ) -> tuple[torch.Tensor, float]:
-    """(indices of n rows by greedy farthest-point selection, covering radius of those rows)."""
+    """(indices of n rows by greedy farthest-point selection, covering radius of those rows).
+    `progress(picks so far)`: after each round of the CPU path, once at the end elsewhere."""
     _check(x, n, start)
-    if use_triton(backend, x):
-        return greedy_kcenter_triton(x, n, start)
-    if x.device.type == "cpu":
-        return greedy_kcenter_lazy(x, n, start)
-    return _brute_force(x, n, start)
+    if x.device.type == "cpu" and not use_triton(backend, x):
+        return greedy_kcenter_lazy(x, n, start, progress=progress)
+    out = greedy_kcenter_triton(x, n, start) if use_triton(backend, x) else _brute_force(x, n, start)
+    if progress is not None:
+        progress(n)
+    return out
 
 
 def greedy_kcenter(x: torch.Tensor, n: int, *, start: int = 0, backend: str = "auto") -> torch.Tensor:

@@ -19,15 +19,24 @@ a pick is skipped for a row where its lower bound exceeds both the row's value a
 upper bound of the block; the rest (about one pick per refreshed row) are computed exactly like
 the brute force, (x - p)^2 summed in fp32. So the min-distances, and with them every pick, equal
 the brute force's bit for bit; exact ties go to the lowest row id, as torch.argmax does.
+
+On CPUs with native bf16 (AVX512-BF16, AMX) the refresh GEMM runs on bf16 copies, about 3x the fp32
+rate: each operand rounds by at most u = 2^-8 and the output once more, so |a.b - dot| <= 4u |a||b|
+<= 2u (|a|^2 + |b|^2), and the bounds widen by that (err + 4u of the norms on each side). A pick
+whose lower bound the wider margin lets through is computed exactly as before: only the number of
+exact pairs grows, never the answer.
 Measured in benchmarks/results/kernels_coreset_cpu.json.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 import torch
 
+from kernels._checks import cpu_native_bf16
 from kernels._threads import torch_threads
 
 # Rows kept up to date per round. Fewer: more rounds (each settles over all N rows); more: each
@@ -44,6 +53,8 @@ ERR_PER_DIM = 4 * 2.0**-24
 BOUND_TOL = 1e-4
 # Rows and picks per GEMM block of a refresh (a 4,096 x 4,096 fp32 block is 64 MiB).
 REFRESH_BLOCK = 4096
+# Relative bound, on |a|^2 + |b|^2, of the rounding of 2 a.b computed on bf16 operands with a bf16 output.
+BF16_GEMM_ERR = 4 * 2.0**-8
 PICKED = -1.0  # min-distance marker of picked rows: below every real distance, so never re-picked
 
 
@@ -58,11 +69,18 @@ class _LazyKCenter:
         self.err = ERR_PER_DIM * dim
         self.tol = BOUND_TOL + dim * 2.0**-24
         self.low_sq = self.sq * (1 - self.err)  # a row's share of the lower bound
+        self._gemm_operands()
         self.picks = [start]
         # the first pick, folded into every row
         self.values = torch.cat([self.exact(rows, start) for rows in torch.arange(n_rows).split(REFRESH_BLOCK)])
         self.values[start] = PICKED
         self.folded = torch.ones(n_rows, dtype=torch.long)
+
+    def _gemm_operands(self) -> None:
+        """The refresh GEMM's operands and their rounding bound: bf16 copies where the CPU has
+        native bf16, else the fp32 rows themselves."""
+        self.gemm_rows = self.centred.bfloat16() if cpu_native_bf16() else self.centred
+        self.gemm_err = self.err + (BF16_GEMM_ERR if self.gemm_rows.dtype == torch.bfloat16 else 0.0)
 
     def exact(self, rows: torch.Tensor, pick: int | torch.Tensor) -> torch.Tensor:
         """Squared distances of rows to picks (one each, or one for all), as the brute force adds them."""
@@ -78,10 +96,10 @@ class _LazyKCenter:
             group = rows[seen == first]
             for c0 in range(first, len(self.picks), REFRESH_BLOCK):
                 new = picks[c0 : c0 + REFRESH_BLOCK]
-                new_centred = self.centred.index_select(0, new)
-                new_low = self.sq[new] * (1 - self.err)
+                new_centred = self.gemm_rows.index_select(0, new)
+                new_low = self.sq[new] * (1 - self.gemm_err)
                 # Upper minus lower bound of a pair is 2 err (|a|^2 + |b|^2): its column part, at most.
-                new_slack = 2 * self.err * float(self.sq[new].max())
+                new_slack = 2 * self.gemm_err * float(self.sq[new].max())
                 for r0 in range(0, group.numel(), REFRESH_BLOCK):
                     self._fold(group[r0 : r0 + REFRESH_BLOCK], new, new_centred, new_low, new_slack)
         self.folded[rows] = len(self.picks)
@@ -95,10 +113,11 @@ class _LazyKCenter:
         block's smallest upper bound: one pick per row or so, the one that sets the new minimum.
         """
         value = self.values[rows]
-        low = torch.addmm(new_low[None, :], self.centred.index_select(0, rows), new_centred.T, alpha=-2.0)
+        dot = torch.mm(self.gemm_rows.index_select(0, rows), new_centred.T)
+        low = dot.float().mul_(-2.0).add_(new_low[None, :])
         row_sq = self.sq[rows]
-        row_low = row_sq * (1 - self.err)
-        best_upper = low.amin(1) + row_low + 2 * self.err * row_sq + new_slack
+        row_low = row_sq * (1 - self.gemm_err)
+        best_upper = low.amin(1) + row_low + 2 * self.gemm_err * row_sq + new_slack
         limit = torch.minimum(value, best_upper) * (1 + self.tol) - row_low
         limit = torch.where(value > 0, limit, float("-inf"))  # picked or on a pick: nothing to lower
         at, col = (low <= limit[:, None]).nonzero(as_tuple=True)
@@ -145,13 +164,14 @@ class _LazyKCenter:
 
 
 def greedy_kcenter_lazy(
-    x: torch.Tensor, n: int, start: int = 0, *, candidates: int = DEFAULT_CANDIDATES, threads: int | None = None
+    x: torch.Tensor, n: int, start: int = 0, *, candidates: int = DEFAULT_CANDIDATES, threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """(picks[n] int64, covering radius) by exact greedy k-center on a CPU tensor.
 
     The covering radius is max over rows of the distance to the nearest pick (0 when n = N).
     `candidates` and `threads` (for the refreshes; default `refresh_threads()`) only change the
-    speed; the picks do not depend on them.
+    speed; the picks do not depend on them. `progress(picks so far)` is called after each round.
     """
     xf = x.detach().float().contiguous()
     with torch_threads(threads or refresh_threads()):
@@ -160,6 +180,8 @@ def greedy_kcenter_lazy(
             tau = state.settle(candidates + 1)
             with torch_threads(1):  # thousands of small operations: threads only wait at barriers
                 state.pick_round(tau, n)
+            if progress is not None:
+                progress(len(state.picks))
         radius_sq = state.settle(1)
     return torch.tensor(state.picks, dtype=torch.long), math.sqrt(max(radius_sq, 0.0))
 
@@ -176,6 +198,7 @@ class _ExtendKCenter(_LazyKCenter):
         self.err = ERR_PER_DIM * dim
         self.tol = BOUND_TOL + dim * 2.0**-24
         self.low_sq = self.sq * (1 - self.err)
+        self._gemm_operands()
         self.picks = list(range(n_picked))
         self.values = torch.cat([torch.full((n_picked,), PICKED), min_d2.float()])
         self.folded = torch.full((n_rows,), n_picked, dtype=torch.long)
@@ -211,10 +234,28 @@ def greedy_kcenter_extend(
 
 
 def refresh_threads() -> int:
-    """Threads for the refreshes: half of torch's, at least one.
+    """Threads for the refreshes: all of torch's while no other process is running, else half of
+    them (at least one).
 
     Every refresh op ends at a thread barrier, so a thread that shares its core with another busy
     process stalls all of them. pcb 368,640 x 128 -> 36,864 on the 2-core EPYC: 34-41 s on 2 threads
     and 56-60 s on 1 when the machine is quiet, but 121 s on 2 threads and 63 s on 1 beside one other
-    busy process. Half the threads keep a many-core machine's GEMMs parallel with room to spare."""
-    return max(1, torch.get_num_threads() // 2)
+    busy process. Half the threads keep a many-core machine's GEMMs parallel with room to spare.
+    The threads change only the speed, never the picks."""
+    threads = torch.get_num_threads()
+    return threads if _machine_idle() else max(1, threads // 2)
+
+
+def _machine_idle(samples: int = 5, gap_s: float = 0.01) -> bool:
+    """Whether this process's reading thread is the only runnable one on the machine now (Linux
+    /proc/loadavg's running count, sampled a few times); False where it cannot be read."""
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        if running > 1:
+            return False
+        time.sleep(gap_s)
+    return True

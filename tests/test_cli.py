@@ -35,6 +35,10 @@ def test_fit_then_eval_on_a_folder(demo_root: Path, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert "fit features: " in run.stderr and " images (100.0%)" in run.stderr  # the feature pass's progress
     assert json.loads((model / "model.json").read_text())["method"] == "padim"
+    core = vade("fit", str(demo_root), "--category", "weave", "--out", str(tmp_path / "pc"), "--input-size", "64",
+                "--device", "cpu")
+    assert core.returncode == 0, core.stderr
+    assert "coreset: " in core.stderr and " picks (100.0%)" in core.stderr  # the coreset's progress
     again = vade("fit", str(demo_root), "--category", "weave", "--out", str(model))
     assert again.returncode == 2 and "--force" in again.stderr
     out = tmp_path / "metrics.json"

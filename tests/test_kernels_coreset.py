@@ -14,6 +14,14 @@ from kernels.coreset import (
 from kernels.coreset_cpu import greedy_kcenter_lazy
 
 
+@pytest.fixture(autouse=True, params=["bf16", "fp32"])
+def refresh_gemm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the refresh GEMM on bf16 operands (native bf16 CPUs; emulated elsewhere)
+    and on fp32 ones: the picks must not depend on it."""
+    monkeypatch.setattr(coreset_cpu, "cpu_native_bf16", lambda: request.param == "bf16")
+    return request.param
+
+
 def clustered(n_rows: int, dim: int, n_clusters: int = 12, seed: int = 0) -> torch.Tensor:
     """Gaussian blobs of different spreads, like patch features: dense groups plus outliers."""
     gen = torch.Generator().manual_seed(seed)
@@ -145,3 +153,14 @@ def test_extend_continues_the_greedy_run_down_to_the_radius() -> None:
         assert float(d[i]) == pytest.approx(float(d.max()), rel=1e-5)
         d = torch.minimum(d, torch.cdist(new, new[i : i + 1])[:, 0])
     assert float(d.max()) <= radius + 1e-5
+
+
+def test_progress_reports_picks_so_far_up_to_n() -> None:
+    x = clustered(3000, 16, seed=4)
+    seen: list[int] = []
+    picks, _ = greedy_kcenter_lazy(x, 400, start=1, candidates=32, progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == 400 and len(seen) > 1  # one call per round
+    assert torch.equal(picks, greedy_kcenter_lazy(x, 400, start=1)[0])  # watching changes nothing
+    done: list[int] = []
+    greedy_kcenter_with_radius(x, 50, start=1, progress=done.append)
+    assert done[-1] == 50

@@ -82,3 +82,24 @@ def test_fitted_model_scores_with_its_weights(tiny_patchcore) -> None:
     assert weights.shape == (dim,) and not torch.equal(weights, torch.ones(dim))  # default: nearest
     assert torch.allclose(tiny_patchcore._embed(maps), plain * weights.view(1, -1, 1, 1))
     assert tiny_patchcore.meta["fit"]["layer_weights"] == pytest.approx(tiny_patchcore._layer_weights(), abs=1e-4)
+
+
+def test_nearest_shares_come_from_whole_sampled_units_thinned_as_the_full_set(monkeypatch) -> None:
+    from engine.models import patchcore
+
+    model = _model("nearest", ratio=0.05)
+    model.cfg.coreset_candidates = 500  # 12 units of 8 x 8 = 768 rows: the full set thins, stride 2
+    model._fit_grid = (8, 8)
+    monkeypatch.setattr(patchcore, "NEAREST_UNITS", 5)
+    sample = model._share_sample(12 * 64)
+    assert sample is not None and sample.numel() == 5 * 64
+    units = sample.view(5, 64)
+    assert torch.equal(units - units[:, :1], torch.arange(64).expand(5, 64))  # whole units, in order
+    assert bool((units[:, 0] % 64 == 0).all()) and bool((units[1:, 0] > units[:-1, 0]).all())
+    assert torch.equal(sample, model._share_sample(12 * 64))  # seeded
+    assert model._share_sample(5 * 64) is None  # as few units as the sample: all rows
+    assert model._coreset_candidates(5 * 64, 12 * 64).numel() == 5 * 16  # the full set's stride 2
+    assert model._coreset_candidates(5 * 64, 5 * 64) is None  # alone, 320 rows would not thin
+    rows = torch.randn(12 * 64, sum(model.extractor.channels), generator=torch.Generator().manual_seed(3))
+    share = model.layer_shares(rows, "nearest")
+    assert share.shape == (2,) and bool((share > 0).all())

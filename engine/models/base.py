@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,6 +69,9 @@ class AnomalyModel(ABC):
         self.extractor = extractor.to(self.device, memory_format=torch.channels_last)
         self.calibration: Calibration | None = None
         self.fit_stats: dict = {}
+        # Makes a progress bar (total, label) with `advance(n)` and `close()` for long fit steps
+        # (engine.api.fit sets one when it reports progress); None: nothing drawn.
+        self.step_bar: Callable[[int, str], Any] | None = None
         # What was done to the model, oldest first: {"event": fitted | calibrated | updated, "when",
         # "images", "vade_version", ...}; saved in model.json, so a file's scores stay explainable.
         self.history: list[dict] = []

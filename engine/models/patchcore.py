@@ -30,6 +30,12 @@ from kernels.knn_index import KnnIndex
 EMBEDDING_FP32_BUDGET = 2 * 1024**3
 # Training patches left out of the coreset whose nearest-entry residuals set `layer_balance: nearest`.
 NEAREST_SAMPLE = 20_000
+# `layer_balance: nearest` measures those residuals against a coreset of (a seeded sample of) this
+# many training images (tiles), picked at the fit's ratio and candidate stride, so the extra greedy
+# costs a bounded (units / all)^2 of the final one. A sample's coreset covers a little more coarsely
+# (fewer images to borrow neighbours from): pcb's weight ratio from 200 of its 400 images is within
+# 1.3% of all 400's (100: 4-10% lower) at 12 s instead of 40 (benchmarks/results/layer_share_*.json).
+NEAREST_UNITS = 200
 
 
 class PatchCore(AnomalyModel):
@@ -81,13 +87,7 @@ class PatchCore(AnomalyModel):
         (picks, covering radius) selected on the weighted embeddings."""
         channels = list(self.extractor.channels)
         mode = self.cfg.layer_balance if len(channels) > 1 else "none"
-        if mode == "variance":
-            share = self._layer_variances(embeddings, channels)
-        elif mode == "nearest":
-            picks, _ = self._select_coreset(embeddings)
-            share = self._layer_nearest_shares(embeddings, picks, channels)
-        else:
-            share = torch.ones(len(channels), dtype=torch.float64)
+        share = self.layer_shares(embeddings, mode)
         # w_l^2 share_l equal for every layer; the weights' product is 1.
         layer_w = (share.log().mean().exp() / share.clamp_min(1e-12)).sqrt().float()
         weights = layer_w.repeat_interleave(torch.tensor(channels))
@@ -96,6 +96,18 @@ class PatchCore(AnomalyModel):
             for start in range(0, embeddings.shape[0], 65536):
                 embeddings[start : start + 65536] *= weights.to(embeddings.dtype)
         return self._select_coreset(embeddings)
+
+    def layer_shares(self, embeddings: torch.Tensor, mode: str) -> torch.Tensor:
+        """Each layer's share of the quantity `mode` balances (float64; ones for `none`)."""
+        channels = list(self.extractor.channels)
+        if mode == "variance":
+            return self._layer_variances(embeddings, channels)
+        if mode == "nearest":
+            sample = self._share_sample(embeddings.shape[0])
+            rows = embeddings if sample is None else embeddings[sample]
+            picks, _ = self._select_coreset(rows, stride_rows=embeddings.shape[0], label="coreset (layer weights)")
+            return self._layer_nearest_shares(rows, picks, channels)
+        return torch.ones(len(channels), dtype=torch.float64)
 
     @staticmethod
     def _layer_variances(embeddings: torch.Tensor, channels: list[int]) -> torch.Tensor:
@@ -130,6 +142,20 @@ class PatchCore(AnomalyModel):
             sums += torch.stack([part.pow(2).sum() for part in residual.split(channels, 1)])
         return sums / sample.numel()
 
+    def _share_sample(self, n_rows: int) -> torch.Tensor | None:
+        """Rows of a seeded sample of NEAREST_UNITS training images (tiles), whole and in order, for
+        the `nearest` layer shares; None: all rows (as few units or fewer, or no patch grid known)."""
+        grid = getattr(self, "_fit_grid", None)
+        if grid is None:
+            return None
+        per_unit = grid[0] * grid[1]
+        n_units = n_rows // per_unit
+        if n_units <= NEAREST_UNITS or n_units * per_unit != n_rows:
+            return None
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        units = torch.randperm(n_units, generator=gen)[:NEAREST_UNITS].sort().values
+        return (units[:, None] * per_unit + torch.arange(per_unit)).reshape(-1)
+
     def _layer_weights(self) -> list[float]:
         """One weight per layer (the fitted column weights are constant within a layer)."""
         firsts = torch.tensor([0, *self.extractor.channels[:-1]]).cumsum(0)
@@ -146,12 +172,15 @@ class PatchCore(AnomalyModel):
         emb = patchcore_embedding(feature_maps).float()
         return emb if self._column_scale is None else emb * self._column_scale
 
-    def _select_coreset(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _select_coreset(
+        self, embeddings: torch.Tensor, stride_rows: int | None = None, label: str = "coreset"
+    ) -> tuple[torch.Tensor, float]:
         """Greedy k-center on a seeded Gaussian random projection of the embeddings, among the
-        candidate rows (all, or the thinned patch grid: coreset_candidates)."""
+        candidate rows (all, or the thinned patch grid: coreset_candidates, its stride set as for
+        `stride_rows` training patches: a sample of whole units thins as the full set does)."""
         n_total = embeddings.shape[0]
         n_keep = max(1, min(n_total, round(self.cfg.coreset_ratio * n_total)))
-        candidates = self._coreset_candidates(n_total)
+        candidates = self._coreset_candidates(n_total, stride_rows or n_total)
         if candidates is not None:
             embeddings = embeddings[candidates]
             n_keep = min(n_keep, embeddings.shape[0])
@@ -161,11 +190,22 @@ class PatchCore(AnomalyModel):
         projected, start = project_for_coreset(embeddings, self.cfg.projection_dim, self.cfg.seed)
         if self.device.type == "cuda":
             projected = projected.to(self.device)
-        picks, radius = coreset.greedy_kcenter_with_radius(projected, n_keep, start=start)
+        bar = self.step_bar(n_keep, label) if self.step_bar is not None else None
+        done = [0]
+
+        def advance(count: int) -> None:
+            assert bar is not None
+            bar.advance(count - done[0])
+            done[0] = count
+
+        picks, radius = coreset.greedy_kcenter_with_radius(
+            projected, n_keep, start=start, progress=advance if bar is not None else None)
+        if bar is not None:
+            bar.close()
         picks = picks.cpu()
         return (picks if candidates is None else candidates[picks]), radius
 
-    def _coreset_candidates(self, n_total: int) -> torch.Tensor | None:
+    def _coreset_candidates(self, n_total: int, stride_rows: int) -> torch.Tensor | None:
         """Rows the coreset picks from when there are more than `coreset_candidates`: every s-th row
         and column of each image's (tile's) patch grid, s the smallest stride that brings them under
         the limit. Neighbouring patches overlap, so a thinned grid still has a row within one patch
@@ -173,11 +213,11 @@ class PatchCore(AnomalyModel):
         radius over all rows is measured in benchmarks/coreset_thinning.py). None: all rows."""
         limit = self.cfg.coreset_candidates
         grid = getattr(self, "_fit_grid", None)
-        if not limit or n_total <= limit or grid is None:
+        if not limit or stride_rows <= limit or grid is None:
             return None
         h, w = grid
         stride = 2
-        while n_total / stride**2 > limit and stride < min(h, w):
+        while stride_rows / stride**2 > limit and stride < min(h, w):
             stride += 1
         cell = torch.arange(n_total) % (h * w)
         keep = ((cell // w) % stride == 0) & ((cell % w) % stride == 0)
