@@ -64,6 +64,15 @@ class StageTimes:
     write: float = 0.0
     loop: float = 0.0  # wall time of the whole loop (stages overlap, so this is less than their sum)
     images: int = 0
+    # With ScanOptions.stage_timing: thread-seconds per fine stage (engine.timing: read, inspect,
+    # decode, resize, backbone, scoring, map, write); on a cluster summed over tasks.
+    stages: dict[str, float] = field(default_factory=dict)
+    # On a cluster: per worker address, {"images", "tasks", "seconds" (its tasks' loop time summed), "stages"}.
+    workers: dict[str, dict] = field(default_factory=dict)
+
+    def add_stages(self, stages: dict[str, float]) -> None:
+        for name, seconds in stages.items():
+            self.stages[name] = self.stages.get(name, 0.0) + seconds
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
