@@ -6,8 +6,9 @@
 
 Spans nest: a span's time excludes the spans opened inside it (each stage gets its self time), so
 "scoring" around a model call that makes its maps inside a "map" span counts the kNN search only.
-Totals are thread-seconds: stages that run at once in different threads add up to more than the wall
-time. No torch here: `sync` (e.g. torch.cuda.synchronize) is called at span ends when given.
+Totals are thread-seconds, twice: wall time inside the span (what the stage took, waits and
+preemption by other processes included) and the thread's CPU time (what it cost a core, steady on a
+loaded machine). Stages that run at once in different threads add up to more than the wall time. No torch here: `sync` (e.g. torch.cuda.synchronize) is called at span ends when given.
 """
 
 from __future__ import annotations
@@ -28,38 +29,48 @@ class StageClock:
     def __init__(self, sync: Callable[[], Any] | None = None):
         self.sync = sync
         self._totals: dict[str, float] = {}
+        self._cpu: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def add(self, stage: str, seconds: float) -> None:
+    def add(self, stage: str, seconds: float, cpu_seconds: float | None = None) -> None:
+        """Add wall seconds (and CPU seconds: the same when not given, as for device time)."""
         with self._lock:
             self._totals[stage] = self._totals.get(stage, 0.0) + seconds
+            self._cpu[stage] = self._cpu.get(stage, 0.0) + (seconds if cpu_seconds is None else cpu_seconds)
 
     def totals(self) -> dict[str, float]:
+        """Wall seconds per stage."""
         with self._lock:
             return dict(self._totals)
 
+    def cpu_totals(self) -> dict[str, float]:
+        """CPU seconds per stage (of the threads that ran it)."""
+        with self._lock:
+            return dict(self._cpu)
+
 
 class _Span:
-    __slots__ = ("clock", "stage", "start", "inner")
+    __slots__ = ("clock", "stage", "start", "cpu", "inner", "inner_cpu")
 
     def __init__(self, clock: StageClock, stage: str):
         self.clock, self.stage = clock, stage
 
     def __enter__(self) -> _Span:
-        self.inner = 0.0
+        self.inner = self.inner_cpu = 0.0
         _local.stack.append(self)
-        self.start = time.perf_counter()
+        self.start, self.cpu = time.perf_counter(), time.thread_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.clock.sync is not None:
             self.clock.sync()
-        elapsed = time.perf_counter() - self.start
+        elapsed, cpu = time.perf_counter() - self.start, time.thread_time() - self.cpu
         stack = _local.stack
         stack.pop()
         if stack:
             stack[-1].inner += elapsed
-        self.clock.add(self.stage, elapsed - self.inner)
+            stack[-1].inner_cpu += cpu
+        self.clock.add(self.stage, elapsed - self.inner, cpu - self.inner_cpu)
 
 
 def current() -> StageClock | None:

@@ -39,8 +39,10 @@ def test_bench_reports_every_stage_end_to_end_and_a_baseline(bench: tuple[dict, 
     assert scan["images"] == scan["ok"] == 12 and scan["errors"] == 0
     assert set(scan["stages"]) == set(STAGES)
     assert all(scan["stages"][name]["seconds"] > 0 for name in STAGES)  # every stage was timed in the real loop
-    shares = sum(row["share"] for row in scan["stages"].values())
-    assert 0.99 <= shares <= 1.0 + 1e-3
+    for key in ("share", "cpu_share"):
+        shares = sum(row[key] for row in scan["stages"].values())
+        assert 0.99 <= shares <= 1.0 + 1e-3
+    assert all(scan["stages"][name]["cpu_seconds"] > 0 for name in ("backbone", "scoring", "resize"))
     e2e = scan["end_to_end"]
     assert e2e["images_per_s"] > 0 and e2e["usage"]["process_cpu"] > 0
     base = result["baseline"]

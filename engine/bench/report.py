@@ -18,12 +18,13 @@ def _num(value: Any, digits: int = 1) -> str:
 
 
 def _stage_table(stages: dict[str, dict]) -> list[str]:
-    lines = [f"  {'stage':<10} {'img/s':>10} {'ms/img':>9} {'share':>7}"]
+    lines = [f"  {'stage':<10} {'img/s':>10} {'ms/img':>9} {'share':>7}   {'CPU img/s':>10} {'CPU ms/img':>10} {'share':>7}"]
     for name in STAGES:
         row = stages.get(name, {})
-        per = row.get("s_per_image")
+        per, cpu_per = row.get("s_per_image"), row.get("cpu_s_per_image")
         lines.append(f"  {name:<10} {_num(row.get('images_per_s')):>10} {_num(per * 1000 if per else None, 2):>9} "
-                     f"{row.get('share', 0) * 100:>6.1f}%")  # fmt: skip
+                     f"{row.get('share', 0) * 100:>6.1f}%   {_num(row.get('cpu_images_per_s')):>10} "
+                     f"{_num(cpu_per * 1000 if cpu_per else None, 2):>10} {row.get('cpu_share', 0) * 100:>6.1f}%")  # fmt: skip
     return lines
 
 
@@ -50,7 +51,7 @@ def _scan_lines(result: dict[str, Any]) -> list[str]:
         f"  utilisation: process CPU {_num(usage['process_cpu'] * 100 if usage['process_cpu'] is not None else None)}% "
         f"of {m['cores']} cores, machine CPU {_num(usage['machine_cpu'] * 100 if usage['machine_cpu'] is not None else None)}%"
         + (f", GPU {usage['gpu'] * 100:.0f}%" if usage.get("gpu") is not None else ""),
-        f"per stage (thread-seconds of the instrumented scan; stages overlap {scan['stage_timing_run']['overlap']}x):",
+        f"per stage (thread-seconds of the instrumented scan, wall then CPU; stages overlap {scan['stage_timing_run']['overlap']}x):",
         *_stage_table(scan["stages"]),
     ]
     for address, row in (scan.get("workers") or {}).items():

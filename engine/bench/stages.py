@@ -7,7 +7,9 @@ plain for the end-to-end rate (start-up, listing, consolidation included), so th
 
 A stage's figure is thread-seconds: the loader, the model workers and the writer run at once, so the
 stages' seconds add up to more than the wall time; `share` is a stage's part of their sum, and
-`overlap` = their sum / the loop's wall time says how many threads were busy on average.
+`overlap` = their sum / the loop's wall time says how many threads were busy on average. Each stage
+has wall seconds (in the thread, waits and preemption by other processes included) and CPU seconds
+(the thread's CPU time: what the stage costs a core, steady on a loaded machine; `cpu_images_per_s`).
 """
 
 from __future__ import annotations
@@ -44,17 +46,24 @@ def _auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def stage_rows(stages: dict[str, float], images: int) -> dict[str, dict]:
-    """Per stage: seconds (thread-seconds), s per image, images/s, share of all stages' seconds."""
+def stage_rows(stages: dict[str, float], images: int, cpu: dict[str, float] | None = None) -> dict[str, dict]:
+    """Per stage: seconds (thread-seconds), s per image, images/s, share of all stages' seconds; the
+    same from CPU seconds when given."""
     total = sum(stages.get(name, 0.0) for name in STAGES)
+    cpu = cpu or {}
+    cpu_total = sum(cpu.get(name, 0.0) for name in STAGES)
     rows = {}
     for name in STAGES:
-        seconds = stages.get(name, 0.0)
+        seconds, cpu_s = stages.get(name, 0.0), cpu.get(name, 0.0)
         rows[name] = {
             "seconds": round(seconds, 4),
             "s_per_image": seconds / images if images else None,
             "images_per_s": images / seconds if seconds > 0 else None,
             "share": round(seconds / total, 4) if total > 0 else 0.0,
+            "cpu_seconds": round(cpu_s, 4),
+            "cpu_s_per_image": cpu_s / images if images else None,
+            "cpu_images_per_s": images / cpu_s if cpu_s > 0 else None,
+            "cpu_share": round(cpu_s / cpu_total, 4) if cpu_total > 0 else 0.0,
         }
     return rows
 
@@ -101,7 +110,7 @@ def _measure(model_dir: Path, source: Path, work: Path, options: ScanOptions, cl
             "loop_images_per_s": images / plain.times.loop if plain.times.loop > 0 else None,
             "usage": plain_usage,
         },
-        "stages": stage_rows(times.stages, timed.counts.ok),
+        "stages": stage_rows(times.stages, timed.counts.ok, times.stage_cpu),
         "stage_timing_run": {
             "seconds": round(timed.seconds, 4),
             "loop_seconds": round(times.loop, 4),
@@ -126,6 +135,6 @@ def worker_rows(plain: dict[str, dict], timed: dict[str, dict]) -> dict[str, dic
             "tasks": p["tasks"],
             "busy_seconds": round(p["seconds"], 4),
             "images_per_s": p["images"] / p["seconds"] if p["seconds"] > 0 else None,
-            "stages": stage_rows(t.get("stages", {}), t.get("images", 0)),
+            "stages": stage_rows(t.get("stages", {}), t.get("images", 0), t.get("stage_cpu", {})),
         }
     return rows

@@ -287,7 +287,7 @@ def run_shards(
     times.write = writer.seconds
     times.loop = time.perf_counter() - started
     if clock is not None:
-        times.stages = clock.totals()
+        times.stages, times.stage_cpu = clock.totals(), clock.cpu_totals()
     return times
 
 
