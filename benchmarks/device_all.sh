@@ -89,8 +89,8 @@ if [ "$DRY" = 1 ]; then  # small, on the CPU: the steps' commands and outputs st
   BENCH=("${VADE[@]}" bench --device cpu --images 16 --image-size 128 --sweep --sweep-max 10000 --json "$OUT/bench_cpu_dryrun.json")
   BENCH_DASK=("${VADE[@]}" bench --device cpu --workers 1 --images 16 --image-size 128 --no-baseline --json "$OUT/bench_workers1_dryrun.json")
 else
-  BENCH=("${VADE[@]}" bench --device cuda --decoder nvjpeg --images 2000 --image-size 512 --sweep --sweep-budget 40 --json "$OUT/bench_cuda.json")
-  BENCH_DASK=("${VADE[@]}" bench --gpus 1 --device cuda --decoder nvjpeg --images 2000 --image-size 512 --no-baseline --json "$OUT/bench_gpus1.json")
+  BENCH=("${VADE[@]}" bench --device cuda --decoder nvjpeg --images 1000 --image-size 512 --sweep --sweep-budget 40 --json "$OUT/bench_cuda.json")
+  BENCH_DASK=("${VADE[@]}" bench --gpus 1 --device cuda --decoder nvjpeg --images 1000 --image-size 512 --no-baseline --json "$OUT/bench_gpus1.json")
 fi
 
 if [ "$ONLY_BENCH" = 1 ]; then

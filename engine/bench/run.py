@@ -77,7 +77,7 @@ def run_bench(req: BenchRequest, command: list[str], say: Callable[[str], None])
 
 def _run(req: BenchRequest, work: Path, command: list[str], say: Callable[[str], None]) -> dict[str, Any]:
     from engine.bench import ceilings, stages, synthetic
-    from engine.bench.env import environment
+    from engine.bench.env import environment, load_average
     from engine.models.base import resolve_device
     from engine.models.registry import load_model
 
@@ -129,6 +129,7 @@ def _run(req: BenchRequest, work: Path, command: list[str], say: Callable[[str],
             result["sweep"] = {"status": "the sweep needs a whole-image PatchCore model"}
         else:
             result["sweep"] = run_sweep(model, images, device, req.sweep_max, req.sweep_budget, say)
+    result["machine"]["load_average_after"] = load_average()  # other users' load shows here
     return result
 
 

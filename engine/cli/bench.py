@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="measure scan throughput per stage, against a peer-style baseline and the machine's ceilings",
-        description="Scan IMAGES (or synthetic ones) with MODEL_DIR (or a default model fitted on synthetic normals) "
+        description="Scan SOURCE (or synthetic images) with MODEL_DIR (or a default model fitted on synthetic normals) "
         "to a temporary folder and report images/s per stage and end to end, a baseline the peers' way "
         "(Pillow, fp32, torch.cdist) on the same images, and GEMM / copy / decode ceilings.",
     )
