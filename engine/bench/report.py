@@ -48,12 +48,15 @@ def _scan_lines(result: dict[str, Any]) -> list[str]:
         "",
         f"end to end (a real `vade scan`, start-up included): {_num(e2e['images_per_s'])} img/s, "
         f"{_num(e2e['s_per_image'] * 1000, 2)} ms/img, {e2e['seconds']:.2f} s; loop alone {_num(e2e['loop_images_per_s'])} img/s",
-        f"  utilisation: process CPU {_num(usage['process_cpu'] * 100 if usage['process_cpu'] is not None else None)}% "
+        f"  utilisation: process CPU{' (the driver; workers are in the machine figure)' if scan.get('workers') else ''} "
+        f"{_num(usage['process_cpu'] * 100 if usage['process_cpu'] is not None else None)}% "
         f"of {m['cores']} cores, machine CPU {_num(usage['machine_cpu'] * 100 if usage['machine_cpu'] is not None else None)}%"
         + (f", GPU {usage['gpu'] * 100:.0f}%" if usage.get("gpu") is not None else ""),
         f"per stage (thread-seconds of the instrumented scan, wall then CPU; stages overlap {scan['stage_timing_run']['overlap']}x):",
         *_stage_table(scan["stages"]),
     ]
+    if "cluster_start_s" in scan:
+        lines.append(f"  cluster started in {scan['cluster_start_s']:.1f} s (not in the end-to-end time); per worker:")
     for address, row in (scan.get("workers") or {}).items():
         lines.append(f"  worker {address}: {row['images']} images in {row['tasks']} tasks, "
                      f"{_num(row['images_per_s'])} img/s of busy time")  # fmt: skip
