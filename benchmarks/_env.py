@@ -3,43 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("torch", "triton", "numpy", "zarr", "dask", "pyarrow", "nvidia-dali-cuda130", "pillow")
+from engine.bench.env import environment as shared_environment
 
 
 def environment() -> dict:
-    import torch
-
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpu": cpu,
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(),
-        },
-        "versions": versions,
-    }
+    """engine.bench.env.environment: shared with `vade bench`."""
+    return shared_environment()
 
 
 def write_result(name: str, payload: dict) -> Path:

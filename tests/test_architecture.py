@@ -16,17 +16,21 @@ HEAVY = ("torch", "zarr", "dask", "distributed", "pyarrow", "matplotlib", "numpy
 NEVER_IMPORTS = {
     "kernels": ("engine",),
     "engine.inputs": ("engine.features", "engine.models", "engine.scan", "engine.distributed", "engine.report",
-                      "engine.evaluation", "engine.demo", "engine.cli", "engine.api"),
+                      "engine.evaluation", "engine.demo", "engine.bench", "engine.cli", "engine.api"),
     "engine.features": ("engine.inputs", "engine.models", "engine.scan", "engine.distributed", "engine.report",
-                        "engine.evaluation", "engine.demo", "engine.cli", "engine.api"),
+                        "engine.evaluation", "engine.demo", "engine.bench", "engine.cli", "engine.api"),
     "engine.models": ("engine.scan", "engine.distributed", "engine.report", "engine.evaluation",
-                      "engine.demo", "engine.cli", "engine.api"),
-    "engine.scan": ("engine.distributed", "engine.report", "engine.evaluation", "engine.demo", "engine.cli",
+                      "engine.demo", "engine.bench", "engine.cli", "engine.api"),
+    "engine.scan": ("engine.distributed", "engine.report", "engine.evaluation", "engine.demo", "engine.bench", "engine.cli",
                     "engine.api"),
-    "engine.distributed": ("engine.report", "engine.evaluation", "engine.demo", "engine.cli", "engine.api"),
-    "engine.report": ("engine.distributed", "engine.demo", "engine.cli", "engine.api"),
-    "engine.evaluation": ("engine.scan", "engine.distributed", "engine.report", "engine.demo", "engine.cli",
+    "engine.distributed": ("engine.report", "engine.evaluation", "engine.demo", "engine.bench", "engine.cli", "engine.api"),
+    "engine.report": ("engine.distributed", "engine.demo", "engine.bench", "engine.cli", "engine.api"),
+    "engine.evaluation": ("engine.scan", "engine.distributed", "engine.report", "engine.demo", "engine.bench", "engine.cli",
                           "engine.api"),
+    "engine.demo": ("engine.bench", "engine.cli"),
+    "engine.bench": ("engine.cli",),
+    "engine.timing": ("engine.inputs", "engine.features", "engine.models", "engine.scan", "engine.distributed",
+                      "engine.report", "engine.evaluation", "engine.demo", "engine.bench", "engine.cli", "engine.api"),
 }  # fmt: skip
 
 
@@ -134,7 +138,7 @@ import json, sys
 from engine.cli.main import build_parser
 parser = build_parser()
 for argv in (["scan", "m", "s", "--out", "o", "--workers", "2"], ["fit", "d", "--out", "m"],
-             ["eval", "m", "d"], ["report", "o"], ["demo"]):
+             ["eval", "m", "d"], ["report", "o"], ["demo"], ["bench"], ["bench", "m", "s", "--workers", "2", "--sweep"]):
     parser.parse_args(argv)
 try:
     parser.parse_args(["scan", "m"])  # a usage error

@@ -7,6 +7,7 @@
     vade eval MODEL_DIR DATA [--category C] [--json FILE]
     vade report OUT_DIR
     vade demo
+    vade bench [MODEL_DIR] [SOURCE] [--device ...] [--workers N | --gpus ... | --scheduler ...] [--images N] [--json FILE] [--sweep]
 
 Every verb takes --debug (a traceback after the one line). Exit codes (engine/faults.py):
 
@@ -31,7 +32,7 @@ import time
 import traceback
 
 from engine import __version__
-from engine.cli import calibrate, demo, evaluate, fit, report, scan, update
+from engine.cli import bench, calibrate, demo, evaluate, fit, report, scan, update
 from engine.cli.common import say
 from engine.errors import VadeError
 from engine.faults import (
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vade {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the traceback after an error's one line")
     sub = parser.add_subparsers(dest="command", required=True)
-    for verb in (fit, calibrate, update, scan, evaluate, report, demo):
+    for verb in (fit, calibrate, update, scan, evaluate, report, demo, bench):
         verb.register(sub)
     for verb_parser in sub.choices.values():
         verb_parser.add_argument(

@@ -16,20 +16,22 @@ SIZE = 256
 DEFECTS = ("scratch", "stain", "hole")
 
 
-def _texture(rng: np.random.Generator) -> np.ndarray:
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+def _texture(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     phase_x, phase_y = rng.uniform(0, 2 * np.pi, 2)
     period = 16.0 + rng.uniform(-0.5, 0.5)
     weave = 0.5 + 0.25 * np.sin(2 * np.pi * x / period + phase_x) * np.sin(2 * np.pi * y / period + phase_y)
-    light = 1.0 + 0.08 * rng.uniform(-1, 1) * (x / SIZE - 0.5) + 0.08 * rng.uniform(-1, 1) * (y / SIZE - 0.5)
+    light = 1.0 + 0.08 * rng.uniform(-1, 1) * (x / size - 0.5) + 0.08 * rng.uniform(-1, 1) * (y / size - 0.5)
     base = np.stack([weave * 0.9, weave * 0.75, weave * 0.55], axis=2) * light[:, :, None]
     return base + rng.normal(0, 0.02, base.shape).astype(np.float32)
 
 
 def _defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """Paint a defect in place; returns its boolean mask."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    cy, cx = rng.uniform(60, SIZE - 60, 2)
+    """Paint a defect in place (its size in pixels, for an image of any side); returns its boolean mask."""
+    size = img.shape[0]
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    margin = min(60.0, size / 4)
+    cy, cx = rng.uniform(margin, size - margin, 2)
     if kind == "scratch":
         angle = rng.uniform(0, np.pi)
         along = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)

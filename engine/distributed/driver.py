@@ -222,6 +222,15 @@ class _Runner:
         self.guard.check()  # the model directory must not change under the scan
         for name in ("decode", "features", "scoring", "write", "images"):
             setattr(self.times, name, getattr(self.times, name) + getattr(result.times, name))
+        self.times.add_stages(result.times)
+        mine = self.times.workers.setdefault(result.worker, {"images": 0, "tasks": 0, "seconds": 0.0, "stages": {},
+                                                             "stage_cpu": {}})  # fmt: skip
+        mine["images"] += result.times.images
+        mine["tasks"] += 1
+        mine["seconds"] += result.times.loop
+        for key in ("stages", "stage_cpu"):
+            for name, seconds in getattr(result.times, key).items():
+                mine[key][name] = mine[key].get(name, 0.0) + seconds
         self.decoder = self.decoder or result.decoder
         self.tally.finish(task.key, result.images)
         if task.split is not None:

@@ -13,6 +13,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from engine import timing
+
 
 def gaussian_kernel1d(sigma: float, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Normalised 1-D Gaussian, radius 4 sigma (the usual truncation, as in scipy and the peers)."""
@@ -57,8 +59,9 @@ def grid_to_map(grid_scores: torch.Tensor, size: int, sigma: float) -> torch.Ten
     """(B, h, w) patch scores -> (B, size, size) map: bilinear upsample, then Gaussian blur."""
     _, h, w = grid_scores.shape
     dev = str(grid_scores.device)
-    rows, cols = map_operator(h, size, sigma, dev), map_operator(w, size, sigma, dev)
-    return torch.matmul(torch.matmul(rows, grid_scores.float()), cols.T)
+    with timing.span("map"):
+        rows, cols = map_operator(h, size, sigma, dev), map_operator(w, size, sigma, dev)
+        return torch.matmul(torch.matmul(rows, grid_scores.float()), cols.T)
 
 
 def grid_to_map_direct(grid_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:

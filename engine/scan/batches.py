@@ -64,6 +64,18 @@ class StageTimes:
     write: float = 0.0
     loop: float = 0.0  # wall time of the whole loop (stages overlap, so this is less than their sum)
     images: int = 0
+    # With ScanOptions.stage_timing: thread-seconds per fine stage (engine.timing: read, inspect,
+    # decode, resize, backbone, scoring, map, write); on a cluster summed over tasks.
+    stages: dict[str, float] = field(default_factory=dict)
+    stage_cpu: dict[str, float] = field(default_factory=dict)  # the same stages' CPU seconds
+    # On a cluster: per worker address, {"images", "tasks", "seconds" (its tasks' loop time summed), "stages"}.
+    workers: dict[str, dict] = field(default_factory=dict)
+
+    def add_stages(self, other: StageTimes) -> None:
+        """Add another run's stage seconds (a cluster task's) to these."""
+        for mine, theirs in ((self.stages, other.stages), (self.stage_cpu, other.stage_cpu)):
+            for name, seconds in theirs.items():
+                mine[name] = mine.get(name, 0.0) + seconds
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}

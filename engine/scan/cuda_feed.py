@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine import timing
 from engine.inputs.decoders import Decoder
 from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 from engine.inputs.sources import Record, Shard
@@ -91,12 +92,15 @@ def load_batches(
     workers: int,
     stop: threading.Event | None = None,
     read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+    clock: timing.StageClock | None = None,
 ) -> Iterator[LoadedBatch]:
-    """`load_batch` for each (shard, records, last), `workers` batches at once, yielded in order, on `device`."""
+    """`load_batch` for each (shard, records, last), `workers` batches at once, yielded in order, on `device`;
+    the workers' stage spans go to `clock` when given."""
     local = threading.local()
 
     def init() -> None:
         torch.set_num_threads(1)  # each worker's resizes stay on its own core
+        timing.attach(clock)
 
     on_cuda = device.type == "cuda"
 
@@ -143,6 +147,8 @@ class _InFlight:
         copied.synchronize()  # the one host sync of this micro-batch
         times.features += start.elapsed_time(features) / 1000
         times.scoring += features.elapsed_time(scored) / 1000
+        timing.add("backbone", start.elapsed_time(features) / 1000)  # device time; the maps are in scoring
+        timing.add("scoring", features.elapsed_time(scored) / 1000)
         raw, scores, maps = (t.numpy() for t in self.host)
         return MicroResult(raw, scores, maps, raw.astype(np.float64) >= self.threshold)
 
@@ -159,7 +165,7 @@ class CudaModelStage(ModelStage):
         model = self.model
         events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(4))
         compute = torch.cuda.current_stream(model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), timing.detached():  # timed by the events, not by host spans
             events[0].record(compute)
             feature_maps = model.features(images)
             events[1].record(compute)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from engine import timing
 from engine.errors import DecodeError
 from engine.inputs.decode import cut_tiles, resize_batch, scaled_image
 from engine.inputs.decoders import Decoder
@@ -34,20 +35,22 @@ def _read_and_inspect(
     (engine.inputs.reader): a FIFO, a device or a hung read is an error row, never a stuck loader."""
     errors: dict[int, str] = {}
     items, offsets = [], []
-    reads = read_files([r.file if r.path else None for r in records], read_timeout, max_file_bytes(max_pixels))
-    for offset, record in enumerate(records):
-        try:
-            if not record.path:
-                raise DecodeError("no path given for this input")
-            data = reads[offset]
-            if isinstance(data, Exception):
-                raise data
-            items.append((data, inspect_bytes(data, Path(record.file).suffix, max_pixels)))
-            offsets.append(offset)
-        except DecodeError as exc:
-            errors[offset] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - one file never stops a scan
-            errors[offset] = _unexpected(exc)
+    with timing.span("read"):
+        reads = read_files([r.file if r.path else None for r in records], read_timeout, max_file_bytes(max_pixels))
+    with timing.span("inspect"):
+        for offset, record in enumerate(records):
+            try:
+                if not record.path:
+                    raise DecodeError("no path given for this input")
+                data = reads[offset]
+                if isinstance(data, Exception):
+                    raise data
+                items.append((data, inspect_bytes(data, Path(record.file).suffix, max_pixels)))
+                offsets.append(offset)
+            except DecodeError as exc:
+                errors[offset] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one file never stops a scan
+                errors[offset] = _unexpected(exc)
     return items, offsets, errors
 
 
@@ -140,15 +143,18 @@ def _decode_group(
     layout's scaled size (3, h, w)."""
     out: list[str | tuple[torch.Tensor, int, int]] = []
     pixels: list[torch.Tensor] = []
-    for result in decoder.decode(items):
+    with timing.span("decode"):
+        decoded = decoder.decode(items)
+    for result in decoded:
         if isinstance(result, DecodeError):
             out.append(str(result))
         else:
             pixels.append(result)
             out.append((result, int(result.shape[1]), int(result.shape[0])))
-    if tiles is not None:
-        return [r if isinstance(r, str) else (scaled_image(r[0], tiles.layout(r[2], r[1])), r[1], r[2]) for r in out]
-    images = iter(resize_batch(pixels, size) if pixels else [])
+    with timing.span("resize"):
+        if tiles is not None:
+            return [r if isinstance(r, str) else (scaled_image(r[0], tiles.layout(r[2], r[1])), r[1], r[2]) for r in out]
+        images = iter(resize_batch(pixels, size) if pixels else [])
     return [r if isinstance(r, str) else (next(images), r[1], r[2]) for r in out]
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine import timing
 from engine.inputs.decoders import Decoder, make_decoder
 from engine.inputs.sources import Record, Shard
 from engine.scan.batches import LoadedBatch, ScoredBatch, StageTimes, TileChunk
@@ -175,6 +176,7 @@ def run_shards(
     decoder: one to reuse (a Dask worker keeps its DALI pipeline across tasks); default: a new one."""
     times = StageTimes()
     started = time.perf_counter()
+    clock = _stage_clock(options, model.device)
     decoder = decoder or make_decoder(options.decoder, model.device, options.batch_size, options.decode_threads)
     size = model.input_size
     model_batch = resolve_model_batch(options, model.device.type)
@@ -199,6 +201,7 @@ def run_shards(
 
     def load_all() -> None:
         torch.set_num_threads(1)  # this thread's resizes only: the model owns the cores
+        timing.attach(clock)
         if tiles is not None:
             if not load_tiled():
                 return
@@ -207,7 +210,7 @@ def run_shards(
         if on_cuda:  # several loader workers, pinned copies (engine/scan/cuda_feed.py)
             loaded: Iterable[LoadedBatch] = cuda_feed.load_batches(
                 _batches(shards, options.batch_size), cuda_decoder, size, options.max_pixels, model.device, workers, stop,
-                options.read_timeout,
+                options.read_timeout, clock,
             )
         else:
             loaded = (load_batch(shard, records, decoder, size, options.max_pixels, last, options.read_timeout)
@@ -218,6 +221,7 @@ def run_shards(
         _put(loaded_q, _DONE, stop)
 
     def write_all() -> None:
+        timing.attach(clock)
         while True:
             try:
                 item = scored_q.get(timeout=0.2)
@@ -249,35 +253,47 @@ def run_shards(
             on_batch(len(scored.loaded.records))
 
     if tiles is not None:  # the tiled path on any device (the CUDA feed's stage scores whole images)
-        stage = ModelStage(model, model_batch, times, tiles=True)
+        stage = ModelStage(model, model_batch, times, tiles=True, clock=clock)
         gather: _MicroBatcher | TileBatcher = TileBatcher(stage, times, emit)
     else:
-        stage = cuda_feed.CudaModelStage(model, model_batch, times) if on_cuda else ModelStage(model, model_batch, times)
+        stage = (cuda_feed.CudaModelStage(model, model_batch, times) if on_cuda
+                 else ModelStage(model, model_batch, times, clock=clock))
         gather = _MicroBatcher(stage, times, emit)
-    try:
-        while True:
-            try:
-                item = loaded_q.get(timeout=0.5)
-            except queue.Empty:
-                loader.check()
-                writer_thread.check()
-                continue
-            if item is _DONE:
-                break
-            if isinstance(item, TileChunk):
-                gather.add_tiles(item)
-                continue
-            times.decode += item.seconds
-            gather.add(item)
-        gather.flush()
-        _put_while_alive(scored_q, _DONE, writer_thread)
-        writer_thread.join()
-        writer_thread.check()
-        loader.check()
-    finally:
-        stop.set()
-        writer_thread.join(timeout=WRITER_GRACE_S)  # a batch being written is finished: a clean stopping point
-        stage.close()
+    with timing.attached(clock):  # this thread: the CUDA stage's event times, the tiles' stitching
+        try:
+            while True:
+                try:
+                    item = loaded_q.get(timeout=0.5)
+                except queue.Empty:
+                    loader.check()
+                    writer_thread.check()
+                    continue
+                if item is _DONE:
+                    break
+                if isinstance(item, TileChunk):
+                    gather.add_tiles(item)
+                    continue
+                times.decode += item.seconds
+                gather.add(item)
+            gather.flush()
+            _put_while_alive(scored_q, _DONE, writer_thread)
+            writer_thread.join()
+            writer_thread.check()
+            loader.check()
+        finally:
+            stop.set()
+            writer_thread.join(timeout=WRITER_GRACE_S)  # a batch being written is finished: a clean stopping point
+            stage.close()
     times.write = writer.seconds
     times.loop = time.perf_counter() - started
+    if clock is not None:
+        times.stages, times.stage_cpu = clock.totals(), clock.cpu_totals()
     return times
+
+
+def _stage_clock(options: ScanOptions, device: torch.device) -> timing.StageClock | None:
+    """A clock for the stages when asked for; on CUDA a span waits for its thread's stream at its end,
+    so it measures the device work it queued (the instrumented run overlaps less than a plain one)."""
+    if not options.stage_timing:
+        return None
+    return timing.StageClock((lambda: torch.cuda.current_stream().synchronize()) if device.type == "cuda" else None)

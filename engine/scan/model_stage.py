@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine import timing
+
 F16_MAX = 65504.0  # maps are stored as float16: larger values are clipped, not turned into inf
 MAX_CPU_WORKERS = 16
 
@@ -43,7 +45,8 @@ class ModelStage:
 
     `depth` micro-batches should be kept in flight to keep every worker busy."""
 
-    def __init__(self, model: Any, model_batch: int, times: Any, cpu_threads: int | None = None, tiles: bool = False):
+    def __init__(self, model: Any, model_batch: int, times: Any, cpu_threads: int | None = None, tiles: bool = False,
+                 clock: timing.StageClock | None = None):  # fmt: skip
         self.model, self.model_batch, self.times = model, model_batch, times
         self.tiles = tiles  # micro-batches of tiles: results are their raw patch grids (model.score_tiles)
         self.pending: deque[tuple[Future | MicroResult, int]] = deque()
@@ -52,7 +55,7 @@ class ModelStage:
         self.depth = 1
         if model.device.type == "cpu":
             self.depth = max(1, min(MAX_CPU_WORKERS, cpu_threads or torch.get_num_threads()))
-            self._pool = ThreadPoolExecutor(self.depth, "vade-model", torch.set_num_threads, (1,))
+            self._pool = ThreadPoolExecutor(self.depth, "vade-model", _worker_init, (clock,))
             model.prepare_scoring()  # shared read-only state (the kNN index) built once, before the workers
 
     def __enter__(self) -> ModelStage:
@@ -91,13 +94,16 @@ class ModelStage:
         model = self.model
         t0 = time.perf_counter()
         with torch.inference_mode():
-            feature_maps = model.features(images)
+            with timing.span("backbone"):
+                feature_maps = model.features(images)
             t1 = time.perf_counter()
-            out = model.score_features(feature_maps)
-            raw = out.scores[:real]
-            maps = model.normalize(out.maps[:real]).clamp_(-F16_MAX, F16_MAX).to(torch.float16).cpu().numpy()
-            scores = model.normalize(raw).float().cpu().numpy()
-            raw_np = raw.float().cpu().numpy()
+            with timing.span("scoring"):  # the maps' upsampling and blur: a "map" span inside
+                out = model.score_features(feature_maps)
+                raw = out.scores[:real]
+                scores = model.normalize(raw).float().cpu().numpy()
+                raw_np = raw.float().cpu().numpy()
+            with timing.span("map"):
+                maps = model.normalize(out.maps[:real]).clamp_(-F16_MAX, F16_MAX).to(torch.float16).cpu().numpy()
         t2 = time.perf_counter()
         with self._lock:
             self.times.features += t1 - t0
@@ -108,14 +114,21 @@ class ModelStage:
     def _run_tiles(self, images: torch.Tensor, real: int) -> torch.Tensor:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            feature_maps = self.model.features(images)
+            with timing.span("backbone"):
+                feature_maps = self.model.features(images)
             t1 = time.perf_counter()
-            grids = self.model.tile_grids(feature_maps)[:real]
+            with timing.span("scoring"):
+                grids = self.model.tile_grids(feature_maps)[:real]
         t2 = time.perf_counter()
         with self._lock:
             self.times.features += t1 - t0
             self.times.scoring += t2 - t1
         return grids
+
+
+def _worker_init(clock: timing.StageClock | None) -> None:
+    torch.set_num_threads(1)
+    timing.attach(clock)
 
 
 def score_images(model: Any, images: torch.Tensor, model_batch: int, times: Any) -> list[MicroResult]:

@@ -33,6 +33,7 @@ class ScanOptions:
     decode_threads: int = 1  # DALI worker threads; keep light on small CPUs (torch uses the cores)
     feed_workers: int = 0  # CUDA only: loader threads, batches decoded at once (0 = min(8, cores))
     read_timeout: float = DEFAULT_READ_TIMEOUT_S  # seconds one file's read may take before it is an error row
+    stage_timing: bool = False  # time each stage (engine.timing) into StageTimes.stages: `vade bench`. Not part of the result.
 
     def validate(self) -> None:
         checks = (("batch_size", 1), ("shard_size", 0), ("max_pixels", 1), ("decode_threads", 1), ("model_batch", 0),

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine import timing
 from engine.features.stitch import GridStitcher
 from engine.scan.batches import LoadedBatch, ScoredBatch, StageTimes, TileChunk
 from engine.scan.model_stage import F16_MAX, ModelStage
@@ -91,7 +92,7 @@ class TileBatcher:
         self._hand_back()
 
     def _finish(self, stitcher: GridStitcher) -> tuple[float, np.ndarray]:
-        with torch.inference_mode():
+        with torch.inference_mode(), timing.span("map"):  # stitched grid -> score and map
             out = self.model.finish_tiled(stitcher.result(), stitcher.layout)
             amap = self.model.normalize(out.map).clamp_(-F16_MAX, F16_MAX).to(torch.float16).cpu().numpy()
         return float(out.score), amap

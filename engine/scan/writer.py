@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import timing
 from engine.inputs.sources import Shard
 from engine.scan.batches import ScoredBatch
 from engine.scan.store import (
@@ -75,6 +76,10 @@ class ShardWriter:
 
     def write(self, scored: ScoredBatch) -> None:
         """Store one scored batch (all from one shard); finish the shard after its last batch."""
+        with timing.span("write"):
+            self._write(scored)
+
+    def _write(self, scored: ScoredBatch) -> None:
         t0 = time.perf_counter()
         loaded = scored.loaded
         first = loaded.records[0].position

@@ -1,0 +1,1 @@
+"""`vade bench`: per-stage throughput of the real scan, a peer-style baseline, machine ceilings, cost curves."""
