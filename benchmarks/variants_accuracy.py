@@ -1,6 +1,6 @@
 """Accuracy of the default models on derived copies of the real bottle category (greyscale, mixed sizes).
 
-    python benchmarks/variants_accuracy.py [--data ../shared/data] [--only greyscale:patchcore ...]
+    python benchmarks/variants_accuracy.py [--data ../shared/data] [--only greyscale:patchcore ...] [--out NAME.json]
 
 Issue 2's hidden checks run other real categories (greyscale, mixed sizes); these variants of MVTec bottle
 are the closest thing we can measure. Each variant is built in a temporary folder outside the repository
@@ -13,7 +13,7 @@ Variants:
                      160..900 px, saved as JPEG q92, RGB PNG or RGBA PNG (alpha 255), about a third each;
                      masks resized (nearest) to exactly their image's new size, PNG 0/255
     greyscale_16bit  train and test images as 16-bit greyscale PNG (mode "I;16", 8-bit values x 257)
-Writes benchmarks/results/variants_accuracy_cpu.json.
+Writes benchmarks/results/variants_accuracy_cpu.json (or --out).
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--only", nargs="*", default=[f"{v}:{m}" for v in VARIANTS for m in METHODS],
                         help="variant:method pairs, e.g. greyscale:patchcore")
+    parser.add_argument("--out", default="variants_accuracy_cpu.json", help="results/<name>.json")
     args = parser.parse_args()
     wanted: dict[str, list[str]] = {}
     for item in args.only:
@@ -152,7 +153,7 @@ def main() -> None:
             parser.error(f"unknown {item!r}; variants {list(VARIANTS)}, methods {list(METHODS)}")
         wanted.setdefault(variant, []).append(method)
     rows = [row for variant, methods in wanted.items() for row in run_variant(Path(args.data), variant, methods)]
-    print(write_result("variants_accuracy_cpu.json", {"category": CATEGORY, "results": rows}))
+    print(write_result(args.out, {"category": CATEGORY, "results": rows}))
 
 
 if __name__ == "__main__":
