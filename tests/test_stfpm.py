@@ -155,3 +155,34 @@ def test_vade_fit_cli_trains_with_a_bar(demo_root: Path, tmp_path: Path) -> None
     assert "2 epochs" in run.stderr + run.stdout
     run = vade("update", str(tmp_path / "m"), str(demo_root / "weave" / "train" / "good"), "--out", str(tmp_path / "u"))
     assert run.returncode == 2 and "update would retrain" in run.stderr
+
+
+def test_a_dask_scan_equals_one_process(demo_root: Path, tmp_path: Path) -> None:
+    """Both trained methods on a real 2-worker LocalCluster: bitwise the one-thread, one-process scan."""
+    import zarr
+
+    from engine.distributed.cluster import ClusterRequest, connect
+    from engine.distributed.driver import scan_on_cluster
+
+    source = demo_root / "weave" / "test"
+    models = {}
+    for method in METHODS:
+        models[method] = tmp_path / method
+        fit(train_images(demo_root, "weave"), _cfg(method)).save(models[method])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for method, model_dir in models.items():
+            scan(model_dir, source, tmp_path / f"ref_{method}", device="cpu", shard_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    with connect(ClusterRequest(workers=2, torch_threads=1)) as client:
+        for method, model_dir in models.items():
+            out = tmp_path / f"dask_{method}"
+            remote = ClusterRequest(scheduler=client.scheduler.address)
+            result = scan_on_cluster(model_dir, source, out, cluster=remote, shard_size=4, device="cpu")
+            assert result.total == 10 and result.counts.ok == 10
+            ref = tmp_path / f"ref_{method}"
+            assert pq.read_table(out / "scores.parquet").equals(pq.read_table(ref / "scores.parquet"))
+            assert np.array_equal(zarr.open_group(out / "maps.zarr", mode="r")["maps"][:],
+                                  zarr.open_group(ref / "maps.zarr", mode="r")["maps"][:], equal_nan=True)
