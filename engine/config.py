@@ -41,7 +41,7 @@ DEFAULT_LAYERS: dict[tuple[str, str], list[str]] = {
 }
 # Training (trained methods): epochs at most, Adam learning rate. Sized so that bottle (209 images at
 # 256 px) trains in <= 10 minutes on a 2-core CPU (README, benchmarks/results/trained_accuracy_cpu.json).
-DEFAULT_MAX_EPOCHS = {"stfpm": 30, "feature_ae": 150}
+DEFAULT_MAX_EPOCHS = {"stfpm": 30, "feature_ae": 300}
 DEFAULT_LEARNING_RATE = {"stfpm": 1e-3, "feature_ae": 1e-3}
 # PaDiM channel subset per backbone: the paper takes 100 of ResNet18's 448 and 550 of WRN50's 1792;
 # Lite0 keeps all 176 of blocks.1+2+4 (bottle image AUROC 0.999 vs 0.996 with 100 of them).

@@ -111,6 +111,10 @@ def test_scan_is_bitwise_the_same_for_any_batch_size(fitted, demo_root: Path, tm
         table = pq.read_table(other / "scores.parquet")
         assert table.column("raw_score").equals(first.column("raw_score"))
         assert np.array_equal(zarr.open_group(other / "maps.zarr", mode="r")["maps"][:], maps0)
+    from engine.report.page import build_report
+
+    html = build_report(outs[0], top=4, contrast=2).read_text(encoding="utf-8")
+    assert fitted[0].method in html and "<img" in html
 
 
 def test_eval_and_calibrate_work_and_update_refuses(fitted, demo_root: Path, tmp_path: Path) -> None:
