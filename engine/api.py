@@ -25,7 +25,7 @@ from engine.models.registry import MODELS
 from engine.models.registry import load_model as load
 from engine.models.tiled import score_images_tiled
 from engine.scan.job import scan
-from engine.scan.progress import Progress as ProgressBar
+from engine.scan.progress import Progress as Bar
 from engine.scan.progress import counted
 from engine.tiling import TileSpec
 
@@ -201,6 +201,33 @@ def _finite(feature_maps: list[torch.Tensor], cfg: FitConfig) -> list[torch.Tens
     return feature_maps
 
 
+def _decoded(paths: Sequence[Path], size: int, batch: int, skipped: list[tuple[str, str]],
+             read_timeout: float) -> torch.Tensor:
+    """Every readable image of `paths` decoded once, resized to the model input: (N, 3, S, S) float32."""
+    parts = list(iter_image_batches(paths, size, batch, skipped, read_timeout))
+    return torch.cat(parts) if parts else torch.zeros((0, 3, size, size))
+
+
+def _train_model(model: AnomalyModel, train: Sequence[Path], holdout: Sequence[Path],
+                 skipped: list[tuple[str, str]], read_timeout: float, quiet: bool) -> None:
+    """A trained method's fit: the images decoded once, the network trained with a bar (loss, ETA)."""
+    cfg = model.cfg
+    images = _decoded(train, cfg.input_size, cfg.batch_size, skipped, read_timeout)
+    if images.shape[0] < 2:
+        raise DataError(f"need at least 2 readable training images, got {images.shape[0]}")
+    held = _decoded(holdout, cfg.input_size, cfg.batch_size, [], read_timeout)  # calibration records its skips
+    bar = Bar(0, label=f"train {cfg.method}", unit="batches", quiet=quiet)
+
+    def hook(done: int, total: int, note: str) -> None:
+        if bar.total != total:
+            bar.begin(total, 0)
+        bar.note = note
+        bar.advance(done - bar.done)
+
+    model.fit_images(images, held, hook)  # type: ignore[attr-defined]
+    bar.close()
+
+
 def history_event(event: str, images: int, model: AnomalyModel, **extra: object) -> dict:
     """One entry of a model's history (model.json "history"), with the calibration it left."""
     from datetime import datetime, timezone
@@ -239,7 +266,9 @@ def fit(
     skipped: list[tuple[str, str]] = []
     t0 = time.perf_counter()
     spec = model.tile_spec
-    if spec is None:
+    if getattr(model, "trained", False):
+        _train_model(model, train, holdout, skipped, read_timeout, quiet=progress is None)
+    elif spec is None:
         images_in = iter_image_batches(train, cfg.input_size, cfg.batch_size, skipped, read_timeout, owners)
         units = len(train)
     else:
@@ -249,11 +278,13 @@ def fit(
         model.fit_stats.update(training_tiles=units, tiles_total=tiles_total)
         owner_of = {path: i for i, path in enumerate(train)}
         images_in = iter_tile_batches(plan, spec, cfg.batch_size, skipped, read_timeout, owners, owner_of)
-    if progress is not None:
-        model.step_bar = lambda total, label: ProgressBar(total, label=label, unit="picks")
-    images_in = counted(images_in, units, label="fit features", unit="tiles" if spec else "images", quiet=progress is None)
-    batches = (_finite(model.features(b), cfg) for b in images_in)
-    model.fit_features(batches, units, owners)
+    if not getattr(model, "trained", False):
+        if progress is not None:
+            model.step_bar = lambda total, label: Bar(total, label=label, unit="picks")
+        images_in = counted(images_in, units, label="fit features", unit="tiles" if spec else "images",
+                            quiet=progress is None)
+        batches = (_finite(model.features(b), cfg) for b in images_in)
+        model.fit_features(batches, units, owners)
     t1 = time.perf_counter()
     parts, sources = [], []
     loo_idx: list[int] = []

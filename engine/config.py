@@ -14,13 +14,17 @@ import yaml
 
 from engine.errors import ConfigError
 
-METHODS = ("patchcore", "padim")
+METHODS = ("patchcore", "padim", "stfpm", "feature_ae")
+# Methods whose statistics are a network trained on the normal images (engine/models/training.py):
+# no leave-one-out (one training run per image), so their threshold comes from held-out images.
+TRAINED_METHODS = ("stfpm", "feature_ae")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LAYER_BALANCES = ("nearest", "variance", "none")
 # Which normal scores set the threshold (engine/calibration.py): training images scored leave-one-out
 # (the bank / Gaussians use every image), a held-out `holdout_fraction`, or both pooled.
-CALIBRATIONS = ("loo", "holdout", "both")
+# auto: loo for the embedding methods, holdout for trained ones.
+CALIBRATIONS = ("auto", "loo", "holdout", "both")
 
 # (method, backbone) -> default layers. Lite0 stage strides: blocks.1 = 4, blocks.2 = 8, blocks.4 = 16.
 DEFAULT_LAYERS: dict[tuple[str, str], list[str]] = {
@@ -28,7 +32,17 @@ DEFAULT_LAYERS: dict[tuple[str, str], list[str]] = {
     ("padim", "efficientnet_lite0"): ["blocks.1", "blocks.2", "blocks.4"],
     ("patchcore", "wide_resnet50_2"): ["layer2", "layer3"],
     ("padim", "wide_resnet50_2"): ["layer1", "layer2", "layer3"],
+    # STFPM: the paper matches ResNet18's layer1-3 (strides 4, 8, 16); Lite0's stages at those strides.
+    ("stfpm", "efficientnet_lite0"): ["blocks.1", "blocks.2", "blocks.4"],
+    ("stfpm", "wide_resnet50_2"): ["layer1", "layer2", "layer3"],
+    # Feature AE: PatchCore's locally aware stride-8 + stride-16 embedding, reconstructed per position.
+    ("feature_ae", "efficientnet_lite0"): ["blocks.2", "blocks.4"],
+    ("feature_ae", "wide_resnet50_2"): ["layer2", "layer3"],
 }
+# Training (trained methods): epochs at most, Adam learning rate. Sized so that bottle (209 images at
+# 256 px) trains in <= 10 minutes on a 2-core CPU (README, benchmarks/results/trained_accuracy_cpu.json).
+DEFAULT_MAX_EPOCHS = {"stfpm": 30, "feature_ae": 300}
+DEFAULT_LEARNING_RATE = {"stfpm": 1e-3, "feature_ae": 1e-3}
 # PaDiM channel subset per backbone: the paper takes 100 of ResNet18's 448 and 550 of WRN50's 1792;
 # Lite0 keeps all 176 of blocks.1+2+4 (bottle image AUROC 0.999 vs 0.996 with 100 of them).
 DEFAULT_PADIM_FEATURES = {"efficientnet_lite0": 176, "wide_resnet50_2": 550}
@@ -41,7 +55,8 @@ DEFAULT_PADIM_FEATURES = {"efficientnet_lite0": 176, "wide_resnet50_2": 550}
 DEFAULT_COVARIANCE_EPS = {"efficientnet_lite0": 1.0, "wide_resnet50_2": 0.01}
 # Tiles per method (0 = whole-image squash). PaDiM keeps one Gaussian per position of a fixed frame,
 # which tiles of images of varying shapes do not have, so it stays whole-image.
-DEFAULT_TILE_SIZE = {"patchcore": 512, "padim": 0}
+# The trained methods are trained and scored on whole images (one input size), like PaDiM.
+DEFAULT_TILE_SIZE = {"patchcore": 512, "padim": 0, "stfpm": 0, "feature_ae": 0}
 # PatchCore's bank: 10% of the training patches at a 256 px input (32 x 32 patches per image). The bank
 # needs to cover the normal patches, not to sample them at a fixed rate: at 4x the patches per image
 # (512 px) neighbouring patches overlap more and the same bank size covers them, so the default ratio
@@ -96,12 +111,20 @@ class FitConfig:
     covariance_eps: float = -1.0  # < 0 -> DEFAULT_COVARIANCE_EPS[backbone]
     # both
     blur_sigma: float = 4.0
+    # auto: loo, or holdout for the trained methods (stfpm, feature_ae: no leave-one-out for a network).
     # loo: every image in the fit, the threshold from leave-one-out scores of `loo_images` of them;
     # holdout / both: `holdout_fraction` of the images kept out of the fit (and, both, pooled with LOO).
-    calibration: str = "loo"
+    calibration: str = "auto"
     loo_images: int = 100  # training images scored leave-one-out (a seeded subset; 100 certifies 1%); 0 = all
     holdout_fraction: float = 0.1  # normal images kept out of the fit (calibration holdout / both)
     target_false_alarm_rate: float = 0.01
+    # Trained methods (stfpm, feature_ae): Adam on mini-batches of `batch_size` images, at most
+    # `max_epochs` (0 = DEFAULT_MAX_EPOCHS), stopping when the hold-out images' loss has not improved
+    # for `patience` epochs (best epoch kept); learning_rate 0 = DEFAULT_LEARNING_RATE.
+    max_epochs: int = 0
+    patience: int = 5
+    learning_rate: float = 0.0
+    weight_decay: float = 0.0
     seed: int = 0
     batch_size: int = 16
     device: str = "auto"
@@ -116,6 +139,11 @@ class FitConfig:
             cfg.layers = list(DEFAULT_LAYERS.get((cfg.method, cfg.backbone), []))
         if cfg.method == "padim" and cfg.padim_features <= 0:
             cfg.padim_features = DEFAULT_PADIM_FEATURES.get(cfg.backbone, 100)
+        if cfg.calibration == "auto":
+            cfg.calibration = "holdout" if cfg.method in TRAINED_METHODS else "loo"
+        if cfg.method in TRAINED_METHODS:
+            cfg.max_epochs = cfg.max_epochs or DEFAULT_MAX_EPOCHS[cfg.method]
+            cfg.learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE[cfg.method]
         if cfg.covariance_eps < 0:
             cfg.covariance_eps = DEFAULT_COVARIANCE_EPS.get(cfg.backbone, 0.01)
         if cfg.tile_size < 0:  # the method's default, unless a whole-image input size was asked for
@@ -171,6 +199,26 @@ class FitConfig:
             raise ConfigError(f"input_size must be a multiple of 32 (backbone strides), got {self.input_size}")
         if self.tile_size % 32:
             raise ConfigError(f"tile_size must be 0 or a multiple of 32 (backbone strides), got {self.tile_size}")
+        _range("max_epochs", self.max_epochs, 0, 100_000)
+        _range("patience", self.patience, 1, 100_000)
+        _range("learning_rate", self.learning_rate, 0.0, 10.0)
+        _range("weight_decay", self.weight_decay, 0.0, 1.0)
+        if self.method in TRAINED_METHODS:
+            if self.calibration != "holdout":
+                raise ConfigError(
+                    f"calibration {self.calibration!r} does not apply to method {self.method}: leave-one-out scores of "
+                    "a trained network would need one training run per image; use calibration holdout"
+                )
+            if self.holdout_fraction <= 0:
+                raise ConfigError(
+                    f"method {self.method} needs holdout_fraction > 0: the held-out normal images stop the training "
+                    "and set the threshold"
+                )
+            if self.tile_size:
+                raise ConfigError(
+                    f"tile_size must be 0 for method {self.method}: it is trained and scored on whole images "
+                    "squashed to input_size; use method patchcore to tile"
+                )
         if self.tile_size and self.method == "padim":
             raise ConfigError(
                 "tile_size must be 0 for method padim: PaDiM keeps one Gaussian per position of a fixed frame, "

@@ -143,6 +143,9 @@ def update(
     model_dir = Path(model_dir)
     target = output_dir(model_dir, Path(out) if out is not None else None, force, "update")
     model = load_model(model_dir, device)
+    if getattr(model, "trained", False):
+        raise VadeError(f"{model.method} models are trained networks; update would retrain: fit again with vade fit "
+                        "on the old and the new normal images (vade calibrate sets a new threshold without training)")
     paths = source_paths(images)
     decoded = _decode_all(paths, read_timeout)
     old = model.calibration

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_presets_load_and_validate(preset: Path, tmp_path: Path) -> None:
     cfg = load_config(preset, {"weights": str(tmp_path / "w.pth")} if "wrn50" in preset.stem else None)
-    method, backbone = preset.stem.split("_")
+    method, backbone = preset.stem.rsplit("_", 1)
     assert cfg.method == method
     assert cfg.backbone.startswith({"lite0": "efficientnet", "wrn50": "wide_resnet"}[backbone])
     assert cfg.layers

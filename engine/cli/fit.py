@@ -11,12 +11,12 @@ from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="fit a model on normal images", description="Fit PatchCore or PaDiM on normal images.")
+    p = sub.add_parser("fit", help="fit a model on normal images", description="Fit PatchCore, PaDiM, STFPM or a feature autoencoder on normal images.")
     p.add_argument("data", help="MVTec-layout root (uses CATEGORY/train/good) or a folder of normal images")
     p.add_argument("--out", required=True, help="model directory to write (model.safetensors + model.json)")
     p.add_argument("--category", help="MVTec category under DATA")
     p.add_argument("--config", help="YAML preset, e.g. configs/patchcore_lite0.yaml")
-    p.add_argument("--method", choices=["patchcore", "padim"])
+    p.add_argument("--method", choices=["patchcore", "padim", "stfpm", "feature_ae"])
     p.add_argument("--backbone", help="efficientnet_lite0 (default) or wide_resnet50_2")
     p.add_argument("--weights", help="backbone weights file (.pth / .safetensors); required for wide_resnet50_2")
     p.add_argument("--layers", help="comma-separated backbone layers, e.g. blocks.2,blocks.4")
@@ -28,9 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="resize factor before tiling; 1 = native, 0 = the short side to the tile size (default)")
     p.add_argument("--map-size", type=int, dest="map_size", help="tiled models: long side of stored maps at most")
     p.add_argument("--coreset-ratio", type=float, dest="coreset_ratio")
-    p.add_argument("--calibration", choices=["loo", "holdout", "both"],
-                   help="threshold from leave-one-out scores of training images (default, every image in the "
-                        "model), a held-out --holdout-fraction, or both")
+    p.add_argument("--calibration", choices=["auto", "loo", "holdout", "both"],
+                   help="threshold from leave-one-out scores of training images (auto for patchcore / padim: every "
+                        "image in the model), a held-out --holdout-fraction (auto for the trained stfpm / "
+                        "feature_ae), or both")
+    p.add_argument("--max-epochs", type=int, dest="max_epochs", help="trained methods: epochs at most")
+    p.add_argument("--patience", type=int, help="trained methods: stop after this many epochs without hold-out progress")
+    p.add_argument("--learning-rate", type=float, dest="learning_rate", help="trained methods: Adam's learning rate")
     p.add_argument("--loo-images", type=int, dest="loo_images",
                    help="training images scored leave-one-out (a seeded subset; 0 = all; default 200)")
     p.add_argument("--holdout-fraction", type=float, dest="holdout_fraction")
@@ -50,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 FIT_KEYS = ("method", "backbone", "weights", "layers", "input_size", "tile_size", "tile_overlap", "image_scale",
             "map_size", "coreset_ratio", "calibration", "loo_images", "holdout_fraction",
-            "target_false_alarm_rate", "seed", "batch_size", "device", "precision", "layer_balance")
+            "target_false_alarm_rate", "seed", "batch_size", "device", "precision", "layer_balance", "max_epochs",
+            "patience", "learning_rate")
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -66,6 +71,12 @@ def run_fit(args: argparse.Namespace) -> int:
     model = fit(images, cfg, progress=say, read_timeout=positive_seconds(args.read_timeout))
     model.save(out)
     stats = model.fit_stats
+    if "training" in stats:
+        rec = stats["training"]
+        say(f"wrote {out}/model.safetensors and model.json ({model.method}, {rec['epochs']} epochs in "
+            f"{rec['seconds_total']:.1f} s, best {rec['best_epoch']}: {rec['stop_reason']}; "
+            f"threshold {model.threshold:.4g})")
+        return 0
     say(f"wrote {out}/model.safetensors and model.json ({model.method}, bank/positions "
          f"{model.meta.get('bank_size') or model.meta.get('positions')}, threshold {model.threshold:.4g}; "
          f"features {stats.get('seconds_features', 0):.1f} s, coreset {stats.get('seconds_coreset', 0):.1f} s)")

@@ -1,6 +1,6 @@
 """`vade`: the parser over every verb, and the exit codes.
 
-    vade fit DATA --out MODEL_DIR [--category C] [--method patchcore|padim] [--backbone NAME] [--config FILE]
+    vade fit DATA --out MODEL_DIR [--category C] [--method patchcore|padim|stfpm|feature_ae] [--backbone NAME] [--config FILE]
     vade scan MODEL_DIR SOURCE --out OUT_DIR [--resume] [--workers N | --scheduler ADDRESS] [--device cpu|cuda]
     vade calibrate MODEL_DIR IMAGES [--target-far A] [--out NEW_DIR | --force]
     vade update MODEL_DIR IMAGES [--out NEW_DIR | --force]

@@ -39,6 +39,9 @@ class BackboneSpec:
     std: tuple[float, float, float]
     needs_weights_file: bool
     build: Callable[[list[str], Path | None], nn.Module]
+    # The same architecture up to the deepest asked layer, randomly initialised (the caller seeds torch)
+    # and trainable: a student network (STFPM). Its `inference()` is the module scans run.
+    student: Callable[[list[str]], nn.Module] | None = None
 
 
 class FeatureExtractor(nn.Module):
@@ -96,6 +99,59 @@ class Lite0Trunk(nn.Module):
             if i in self.taps:
                 found[self.taps[i]] = x
         return [found[s] for s in self.order]
+
+
+class Lite0Student(nn.Module):
+    """Lite0's stem and MBConv stages up to the deepest asked one, randomly initialised and trainable
+    (BatchNorm and TF 'SAME' padding as the original modules). `inference()`: BatchNorm folded, the
+    fused trunk the teacher runs (Lite0Trunk), so a student scores at the teacher's speed."""
+
+    def __init__(self, layers: list[str]):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_name("efficientnet-lite0")
+        stage_ends = torch.tensor(LITE0_STAGE_REPEATS).cumsum(0).tolist()
+        wanted = [int(name.split(".")[1]) for name in layers]
+        self.layers = list(layers)
+        self._conv_stem, self._bn0, self._act = model._conv_stem, model._bn0, model._swish
+        self._blocks = nn.ModuleList(model._blocks[: stage_ends[max(wanted)]])
+        self.taps = {stage_ends[s] - 1: s for s in wanted}
+        self.order = wanted
+        # The package's BatchNorm keeps running statistics with momentum 0.01 (TensorFlow's 0.99): after
+        # a few hundred steps they still remember the random start, and eval-mode outputs are far off
+        # the trained ones. PyTorch's 0.1 follows the trained weights.
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = 0.1
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self._act(self._bn0(self._conv_stem(x)))
+        found: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.taps:
+                found[self.taps[i]] = x
+        return [found[s] for s in self.order]
+
+    def inference(self) -> nn.Module:
+        return Lite0Trunk(self.eval(), self.layers)
+
+
+class WideResNet50Student(nn.Module):
+    """wide_resnet50_2 up to the deepest asked layer, randomly initialised and trainable."""
+
+    def __init__(self, layers: list[str]):
+        super().__init__()
+        self.trunk = WideResNet50Trunk(layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.trunk(x)
+
+    def inference(self) -> nn.Module:
+        import copy
+
+        return copy.deepcopy(self.trunk).eval()
 
 
 def _lite0_weights_path(weights: Path | None) -> Path:
@@ -199,7 +255,9 @@ def _build_wrn50(layers: list[str], weights: Path | None) -> nn.Module:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", LITE0_LAYERS, (0.5,) * 3, (0.5,) * 3, False, _build_lite0),
+    "efficientnet_lite0": BackboneSpec(
+        "efficientnet_lite0", LITE0_LAYERS, (0.5,) * 3, (0.5,) * 3, False, _build_lite0, Lite0Student
+    ),
     "wide_resnet50_2": BackboneSpec(
         "wide_resnet50_2",
         {"layer1": (256, 4), "layer2": (512, 8), "layer3": (1024, 16)},
@@ -207,6 +265,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         IMAGENET_STD,
         True,
         _build_wrn50,
+        WideResNet50Student,
     ),
 }
 
@@ -264,6 +323,16 @@ def load_state_dict(module: nn.Module, state: dict[str, torch.Tensor], name: str
             f"weights do not fit {name}: {k} has shape {tuple(state[k].shape)}, expected {tuple(wanted[k].shape)}"
         )
     module.load_state_dict({k: state[k] for k in wanted}, strict=True)
+
+
+def build_student(name: str, layers: list[str]) -> nn.Module:
+    """A trainable, randomly initialised copy of the named backbone's architecture up to the asked
+    layers (seed torch first); forward takes normalised images, like the trunk."""
+    spec = get_spec(name)
+    check_layers(spec, layers)
+    if spec.student is None:
+        raise ConfigError(f"{name} has no student architecture")
+    return spec.student(list(layers))
 
 
 def build_extractor(name: str, layers: list[str], weights: str | Path | None = None) -> FeatureExtractor:

@@ -11,10 +11,12 @@ from engine.calibration import Calibration
 from engine.config import config_from_dict
 from engine.errors import ConfigError, ModelFileError, VadeError
 from engine.models.base import AnomalyModel, resolve_device
+from engine.models.feature_ae import FeatureAE
 from engine.models.padim import PaDiM
 from engine.models.patchcore import PatchCore
+from engine.models.stfpm import STFPM
 
-MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": PaDiM}
+MODELS: dict[str, type[AnomalyModel]] = {"patchcore": PatchCore, "padim": PaDiM, "stfpm": STFPM, "feature_ae": FeatureAE}
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu", weights: str | Path | None = None) -> AnomalyModel:

@@ -45,6 +45,7 @@ class Progress:
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval = redraw_every_s if self.tty else line_every_s
         self.label, self.unit = label, unit
+        self.note = ""  # shown after the rate and ETA (e.g. a training loss)
         self.started = time.monotonic()
         self._last_draw = self.started
         self._lock = threading.Lock()
@@ -64,7 +65,8 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.done / self.total if self.total else 100.0
         u = self.unit
-        return f"{self.done}/{self.total} {u} ({pct:.1f}%), {rate:.1f} {u}/s, ETA {format_duration(eta)}"
+        text = f"{self.done}/{self.total} {u} ({pct:.1f}%), {rate:.1f} {u}/s, ETA {format_duration(eta)}"
+        return f"{text}; {self.note}" if self.note else text
 
     def bar(self, width: int = 30) -> str:
         filled = int(width * self.done / self.total) if self.total else width
