@@ -63,3 +63,11 @@ def test_counted_passes_batches_through_and_counts_their_rows() -> None:
     assert lines[-1].startswith("fit features: 10/10 tiles (100.0%)")
     quiet = io.StringIO()
     assert len(list(counted(iter(batches), 10, label="x", quiet=True, stream=quiet))) == 3 and not quiet.getvalue()
+
+
+def test_close_does_not_repeat_the_last_plain_line() -> None:
+    out = io.StringIO()
+    bar = Progress(10, stream=out, tty=False, line_every_s=0.0, label="coreset", unit="picks")
+    bar.advance(10)  # drawn: interval 0
+    bar.close()
+    assert out.getvalue().count("10/10 picks (100.0%)") == 1

@@ -48,6 +48,7 @@ class Progress:
         self.note = ""  # shown after the rate and ETA (e.g. a training loss)
         self.started = time.monotonic()
         self._last_draw = self.started
+        self._drawn_done = -1  # `done` at the last plain line, so close() does not repeat it
         self._lock = threading.Lock()
 
     def begin(self, total: int, done: int = 0) -> None:
@@ -86,13 +87,15 @@ class Progress:
             self.stream.write("\r" + self.bar() + "\x1b[K")
         else:
             self.stream.write(f"{self.label}: {self.status()}\n")
+            self._drawn_done = self.done
         self.stream.flush()
 
     def close(self) -> None:
         with self._lock:
             if self.quiet:
                 return
-            self._draw()
+            if self.tty or self._drawn_done != self.done:
+                self._draw()
             if self.tty:
                 self.stream.write("\n")
             self.stream.flush()
