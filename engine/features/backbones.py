@@ -93,12 +93,17 @@ class Lite0Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
-        found: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self.taps:
-                found[self.taps[i]] = x
-        return [found[s] for s in self.order]
+        return tapped(self.blocks, x, self.taps, self.order)
+
+
+def tapped(blocks: nn.ModuleList, x: torch.Tensor, taps: dict[int, int], order: list[int]) -> list[torch.Tensor]:
+    """Run `blocks` in sequence; the outputs of the blocks in `taps` (block index -> stage), in `order`."""
+    found: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if i in taps:
+            found[taps[i]] = x
+    return [found[s] for s in order]
 
 
 class Lite0Student(nn.Module):
@@ -127,12 +132,7 @@ class Lite0Student(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self._act(self._bn0(self._conv_stem(x)))
-        found: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in self.taps:
-                found[self.taps[i]] = x
-        return [found[s] for s in self.order]
+        return tapped(self._blocks, x, self.taps, self.order)
 
     def inference(self) -> nn.Module:
         return Lite0Trunk(self.eval(), self.layers)
