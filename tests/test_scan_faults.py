@@ -165,6 +165,12 @@ def test_output_made_read_only_mid_scan_exits_5_then_resumes(
     undo: list[list[str]] = []
 
     def read_only() -> None:
+        # The writer thread finishes shards behind the model stage that counts images: wait until a
+        # first shard is finished (its marker written), so the resume has a finished shard to keep.
+        for _ in range(3000):
+            if any((out / "_done").glob("*.json")):
+                break
+            time.sleep(0.01)
         if _can_mount():  # a read-only bind mount over OUT_DIR: writes fail with EROFS
             assert _sh("mount", "--bind", str(out), str(out)).returncode == 0
             undo.append(["umount", "-l", str(out)])
