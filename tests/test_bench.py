@@ -46,6 +46,7 @@ def test_bench_reports_every_stage_end_to_end_and_a_baseline(bench: tuple[dict, 
     e2e = scan["end_to_end"]
     assert e2e["images_per_s"] > 0 and e2e["usage"]["process_cpu"] > 0
     base = result["baseline"]
+    assert result["model"]["tiled"]  # the default model is vade fit's: 512 px tiles, baseline tile by tile
     assert base["status"] == "ok" and base["ratio_end_to_end"] > 0
     assert base["agreement"]["images"] == 12
     assert {"fp32_gflops", "bf16_gflops"} <= set(result["ceilings"]["gemm"])

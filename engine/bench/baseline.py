@@ -3,7 +3,13 @@ NCHW with BatchNorm kept (Lite0: the package's own modules, unfused), `torch.cdi
 nearest neighbours against the model's bank, the image score reweighted as PatchCore's eq. 7, and the
 map upsampled then blurred at full size (engine.features.maps.grid_to_map_direct, same sigma).
 
-It computes what vade computes (whole-image PatchCore); its raw image scores are compared with the
+Tiled models the same way tile by tile: Pillow decode and resize to the layout's scaled size, the
+layout's tiles, the fp32 backbone, `torch.cdist` patch distances against the whole bank and each
+patch's reweighting factor (1 - softmax over its distances to its nearest row's neighbours, from a
+neighbour table made once by brute force), grids blended as vade blends them, the map upsampled to the
+full padded image, cropped, blurred at full size and resized to the map.
+
+It computes what vade computes (PatchCore); its raw image scores are compared with the
 scan's at three depths: the peer pipeline end to end (Pillow's resize differs from vade's antialiased
 torch resize, and a model fitted in bf16 runs its backbone in bf16 where the peers' is fp32); the
 peer backbone + cdist on vade's own resized pixels (the backbone's precision alone); and cdist on the
@@ -116,9 +122,92 @@ def supported(model: Any) -> str | None:
     """Why the baseline cannot run on this model, or None."""
     if model.method != "patchcore":
         return f"the baseline is PatchCore's (cdist nearest neighbours); this model is {model.method}"
-    if model.tile_spec is not None:
-        return "the baseline scores whole images; this model is tiled"
     return None
+
+
+def cdist_neighbour_table(bank: torch.Tensor, k: int) -> torch.Tensor:
+    """(M, k) each bank row's k nearest bank rows (itself first) by torch.cdist, in blocks of rows."""
+    return torch.cat([torch.cdist(bank[i : i + 2048], bank).topk(k, largest=False).indices
+                      for i in range(0, bank.shape[0], 2048)])
+
+
+def cdist_tile_grids(model: Any, feature_maps: list[torch.Tensor], support: torch.Tensor | None) -> torch.Tensor:
+    """(B, 2, h, w) patch distances by torch.cdist against the whole bank and the reweighting factor
+    per patch (`support`: the bank's neighbour table; None: no reweighting), as model.tile_grids gives."""
+    emb = model._embed(feature_maps)
+    b, c, h, w = emb.shape
+    rows = to_rows(emb)
+    bank = model.bank.float()
+    patch_d, nn_idx = torch.cdist(rows, bank).min(dim=1)
+    factor = torch.ones_like(patch_d)
+    if support is not None:
+        dists = torch.linalg.vector_norm(bank[support[nn_idx]] - rows[:, None, :], dim=2)
+        factor = 1.0 - F.softmax(dists, dim=1)[:, 0]
+    return torch.stack([patch_d.view(b, h, w), factor.view(b, h, w)], dim=1)
+
+
+def pillow_scaled(path: Path, layout_of: Any) -> tuple[torch.Tensor, Any]:
+    """Pillow decode and bilinear resize to the tile layout's scaled size: (uint8 (3, h, w), layout)."""
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+        layout = layout_of(rgb.height, rgb.width)
+        if (layout.scaled_h, layout.scaled_w) != (rgb.height, rgb.width):
+            rgb = rgb.resize((layout.scaled_w, layout.scaled_h), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1), layout
+
+
+def peer_tiled_map(stitched: torch.Tensor, layout: Any, sigma: float) -> torch.Tensor:
+    """The stitched patch grid upsampled to the full padded image, cropped to it, blurred at full size
+    and resized to the map (the peers untile maps at full resolution)."""
+    from engine.features.maps import gaussian_blur
+
+    stride = layout.spec.stride
+    gh, gw = stitched.shape
+    full = F.interpolate(stitched[None, None], size=(gh * stride, gw * stride), mode="bilinear", align_corners=False)
+    image = gaussian_blur(full[0, :, : layout.scaled_h, : layout.scaled_w], sigma)
+    return F.interpolate(image[None], size=(layout.map_h, layout.map_w), mode="bilinear", align_corners=False)[0, 0]
+
+
+def _run_tiled(model: Any, paths: Sequence[Path], backbone: nn.Module,
+               times: dict[str, float], scores: dict[str, float]) -> None:
+    """The tiled baseline over `paths`, adding to `times` and `scores` (batches of BATCH tiles per image)."""
+    from engine.features.stitch import GridStitcher
+    from engine.inputs.decode import cut_tiles
+
+    device, spec = model.device, model.tile_spec
+    k = min(model.cfg.num_neighbors, model.bank.shape[0])
+    t0 = time.perf_counter()
+    support = cdist_neighbour_table(model.bank.float(), k) if k > 1 else None
+    times["neighbour_table_once"] = time.perf_counter() - t0
+    for path in paths:
+        t0 = time.perf_counter()
+        image, layout = pillow_scaled(path, spec.layout)
+        stitcher = GridStitcher(layout)
+        times["decode_resize"] += time.perf_counter() - t0
+        for first in range(0, layout.n_tiles, BATCH):
+            t0 = time.perf_counter()
+            tiles = cut_tiles(image, layout, first, min(BATCH, layout.n_tiles - first)).to(device)
+            _sync(device)
+            t1 = time.perf_counter()
+            fmaps = backbone(tiles)
+            _sync(device)
+            t2 = time.perf_counter()
+            grids = cdist_tile_grids(model, fmaps, support)
+            for j in range(grids.shape[0]):
+                stitcher.add(first + j, grids[j])
+            _sync(device)
+            t3 = time.perf_counter()
+            times["decode_resize"] += t1 - t0
+            times["backbone"] += t2 - t1
+            times["scoring"] += t3 - t2
+        t0 = time.perf_counter()
+        stitched = stitcher.result()
+        valid_h, valid_w = layout.valid_cells
+        cells = stitched[0, :valid_h, :valid_w].reshape(-1)
+        worst = int(cells.argmax())
+        scores[str(path)] = float(cells[worst] * stitched[1, :valid_h, :valid_w].reshape(-1)[worst])
+        peer_tiled_map(stitched[0], layout, model.cfg.blur_sigma).cpu()
+        times["map"] += time.perf_counter() - t0
 
 
 def _sync(device: torch.device) -> None:
@@ -126,33 +215,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _run_whole(model: Any, paths: Sequence[Path], backbone: nn.Module,
+               times: dict[str, float], scores: dict[str, float]) -> None:
+    """The whole-image baseline over `paths` in batches of BATCH, adding to `times` and `scores`."""
+    size, device = model.input_size, model.device
+    for start in range(0, len(paths), BATCH):
+        chunk = list(paths[start : start + BATCH])
+        t0 = time.perf_counter()
+        images = pillow_batch(chunk, size).to(device)
+        _sync(device)
+        t1 = time.perf_counter()
+        fmaps = backbone(images)
+        _sync(device)
+        t2 = time.perf_counter()
+        raw, grids = cdist_scores(model, fmaps)
+        _sync(device)
+        t3 = time.perf_counter()
+        peer_maps(model, grids).cpu()
+        t4 = time.perf_counter()
+        times["decode_resize"] += t1 - t0
+        times["backbone"] += t2 - t1
+        times["scoring"] += t3 - t2
+        times["map"] += t4 - t3
+        scores.update({str(p): float(s) for p, s in zip(chunk, raw.tolist(), strict=True)})
+
+
 def run_baseline(model: Any, paths: Sequence[Path]) -> dict[str, Any]:
     """Score `paths` the peers' way on the model's device; per stage seconds, images/s, raw scores by path."""
-    size, device = model.input_size, model.device
-    backbone = peer_backbone(model).to(device)
+    backbone = peer_backbone(model).to(model.device)
     times = {"decode_resize": 0.0, "backbone": 0.0, "scoring": 0.0, "map": 0.0}
     scores: dict[str, float] = {}
     t_start = time.perf_counter()
     with torch.inference_mode():
-        for start in range(0, len(paths), BATCH):
-            chunk = list(paths[start : start + BATCH])
-            t0 = time.perf_counter()
-            images = pillow_batch(chunk, size).to(device)
-            _sync(device)
-            t1 = time.perf_counter()
-            fmaps = backbone(images)
-            _sync(device)
-            t2 = time.perf_counter()
-            raw, grids = cdist_scores(model, fmaps)
-            _sync(device)
-            t3 = time.perf_counter()
-            peer_maps(model, grids).cpu()
-            t4 = time.perf_counter()
-            times["decode_resize"] += t1 - t0
-            times["backbone"] += t2 - t1
-            times["scoring"] += t3 - t2
-            times["map"] += t4 - t3
-            scores.update({str(p): float(s) for p, s in zip(chunk, raw.tolist(), strict=True)})
+        (_run_tiled if model.tile_spec is not None else _run_whole)(model, paths, backbone, times, scores)
     wall = time.perf_counter() - t_start
     return {"seconds": wall, "images_per_s": len(paths) / wall if wall > 0 else None,
             "stages": {k: round(v, 4) for k, v in times.items()}, "scores": scores}  # fmt: skip
@@ -166,6 +261,8 @@ def same_pixels_scores(model: Any, paths: Sequence[Path]) -> tuple[dict[str, flo
     backbone = peer_backbone(model).to(model.device)
     peer: dict[str, float] = {}
     own: dict[str, float] = {}
+    if model.tile_spec is not None:
+        return _same_pixels_tiled(model, paths, backbone)
     with torch.inference_mode():
         for start in range(0, len(paths), BATCH):
             chunk = list(paths[start : start + BATCH])
@@ -173,6 +270,31 @@ def same_pixels_scores(model: Any, paths: Sequence[Path]) -> tuple[dict[str, flo
             for out, fmaps in ((peer, backbone(images)), (own, model.features(images))):
                 raw, _ = cdist_scores(model, fmaps)
                 out.update({str(p): float(s) for p, s in zip(chunk, raw.tolist(), strict=True)})
+    return peer, own
+
+
+def _same_pixels_tiled(model: Any, paths: Sequence[Path], backbone: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
+    """same_pixels_scores for a tiled model: vade's decoded, scaled and cut tiles, cdist grids, vade's stitching."""
+    from engine.features.stitch import GridStitcher
+    from engine.inputs.decode import pixels_tensor, read_rgb, tile_chunks
+
+    k = min(model.cfg.num_neighbors, model.bank.shape[0])
+    support = cdist_neighbour_table(model.bank.float(), k) if k > 1 else None
+    peer: dict[str, float] = {}
+    own: dict[str, float] = {}
+    with torch.inference_mode():
+        for path in paths:
+            pixels = pixels_tensor(read_rgb(path))
+            layout = model.tile_spec.layout(int(pixels.shape[0]), int(pixels.shape[1]))
+            stitchers = {"peer": GridStitcher(layout), "own": GridStitcher(layout)}
+            for first, chunk in tile_chunks(pixels, layout, BATCH):
+                chunk = chunk.to(model.device)
+                for name, fmaps in (("peer", backbone(chunk)), ("own", model.features(chunk))):
+                    grids = cdist_tile_grids(model, fmaps, support)
+                    for j in range(grids.shape[0]):
+                        stitchers[name].add(first + j, grids[j])
+            for name, out in (("peer", peer), ("own", own)):
+                out[str(path)] = float(model.finish_tiled(stitchers[name].result(), layout).score)
     return peer, own
 
 

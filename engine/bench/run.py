@@ -97,7 +97,7 @@ def _run(req: BenchRequest, work: Path, command: list[str], say: Callable[[str],
     listing.write_text("".join(f"{p.absolute()}\n" for p in paths), encoding="utf-8")
     result["inputs"] = inputs
     if req.model_dir is None:
-        say(f"fitting the default model (PatchCore, Lite0, {synthetic.DEFAULT_INPUT} px) on "
+        say(f"fitting the default model (vade fit's defaults: PatchCore, Lite0, 512 px tiles) on "
             f"{synthetic.TRAIN_IMAGES} synthetic normals")  # fmt: skip
         model_dir = synthetic.fit_default_model(work, req.image_size, str(device))
         made = "default: "
@@ -124,11 +124,12 @@ def _run(req: BenchRequest, work: Path, command: list[str], say: Callable[[str],
         from engine.bench.sweep import run_sweep
         from engine.inputs.decode import read_rgb, to_tensor
 
-        images = to_tensor([read_rgb(p) for p in paths[:8]], model.input_size) if model.tile_spec is None else None
-        if images is None or not hasattr(model, "bank"):
-            result["sweep"] = {"status": "the sweep needs a whole-image PatchCore model"}
-        else:
+        if not hasattr(model, "bank"):
+            result["sweep"] = {"status": "the sweep needs a PatchCore model"}
+        else:  # a tiled model's scoring runs per tile: the images squashed to one tile each stand in
+            images = to_tensor([read_rgb(p) for p in paths[:8]], model.input_size)
             result["sweep"] = run_sweep(model, images, device, req.sweep_max, req.sweep_budget, say)
+            result["sweep"]["unit"] = "tile" if model.tile_spec is not None else "image"
     result["machine"]["load_average_after"] = load_average()  # other users' load shows here
     return result
 
@@ -159,6 +160,7 @@ def _baseline(model: Any, paths: list[Path], scan: dict, say: Callable[[str], No
         "agreement_same_features": baseline.agreement(vade, absolute(own_features)),
         "model_precision": model.cfg.precision,
         "what": "Pillow decode + resize, fp32 NCHW backbone with BatchNorm, torch.cdist brute-force nearest "
-                "neighbours and reweighting against the same bank, full-size upsample + blur; one process, "
+                "neighbours and reweighting against the same bank (tile by tile for a tiled model, grids "
+                "blended as vade blends them), full-size upsample + blur; one process, "
                 "torch's default threads; no writes",
     }

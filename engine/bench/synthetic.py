@@ -18,7 +18,6 @@ from engine.demo.dataset import DEFECTS, _defect, _texture
 DEFECT_EVERY = 10
 JPEG_QUALITY = 90
 TRAIN_IMAGES = 24  # normals the default model is fitted on
-DEFAULT_INPUT = 256  # the default model's input side (whole image, squashed)
 
 
 def _pixels(arr: np.ndarray) -> Image.Image:
@@ -62,13 +61,13 @@ def make_normals(folder: Path, count: int, size: int, seed: int = 0) -> list[Pat
 
 
 def fit_default_model(folder: Path, size: int, device: str, say=None) -> Path:
-    """Fit the default small PatchCore (Lite0, whole image at DEFAULT_INPUT px) on synthetic normals
-    of `size` px; returns its model folder."""
+    """Fit `vade fit`'s default model (PatchCore, Lite0, 512 px tiles) on synthetic normals of `size`
+    px; returns its model folder."""
     from engine.api import fit
     from engine.config import FitConfig
 
     normals = make_normals(folder / "normals", TRAIN_IMAGES, size)
-    cfg = FitConfig(method="patchcore", tile_size=0, input_size=DEFAULT_INPUT, device=device, loo_images=TRAIN_IMAGES)
+    cfg = FitConfig(device=device)
     model = fit(normals, cfg, progress=say)
     out = folder / "model"
     model.save(out)
