@@ -1,6 +1,6 @@
 """`vade update` against a fit on all images: fit on half of the training images, update with the rest.
 
-    nice -n 10 python benchmarks/update_bank.py [--data ../shared/data] [--only bottle pcb]
+    python benchmarks/update_bank.py [--data ../shared/data] [--only bottle pcb] [--threads N]
 
 Per category, at the defaults: (1) fit on a seeded half of train/good; (2) `engine.lifecycle.update`
 with the other half; (3) fit on all of them. For each: bank size, covering radius (projected, as the
@@ -19,16 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._env import write_result  # noqa: E402
+from benchmarks._metrics import split_metrics  # noqa: E402
 from engine.api import _raw_scores, fit  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.evaluation import metrics  # noqa: E402
-from engine.evaluation.evaluate import score_items  # noqa: E402
 from engine.inputs.datasets import test_items, train_images  # noqa: E402
 from engine.lifecycle import update  # noqa: E402
 
@@ -36,11 +34,11 @@ ROOTS = {"bottle": ("mvtec_bottle", "bottle"), "pcb": ("deeppcb", "pcb")}
 OUT = Path(__file__).resolve().parent / "results" / "update_bank.json"
 
 
-def summary(model, items, labels, seconds: float) -> dict:
-    scores, _, _, _ = score_items(model, items)
+def summary(model, items, seconds: float) -> dict:
+    _, quality = split_metrics(model, items)
     return {"seconds": round(seconds, 1), "bank_size": model.fit_stats["bank_size"],
             "covering_radius_projected": model.fit_stats.get("coreset_covering_radius_projected"),
-            "image_auroc": round(float(metrics.image_auroc(labels, scores)), 4), "threshold": model.threshold,
+            **quality, "threshold": model.threshold,
             "calibration": {"source": model.calibration.source, "n": model.calibration.n,
                             "certified_rate": model.calibration.certified_rate}}
 
@@ -51,7 +49,6 @@ def run(root: Path, category: str, work: Path) -> dict:
     random.Random(0).shuffle(order)
     first, second = sorted(order[: len(order) // 2]), sorted(order[len(order) // 2 :])
     items = test_items(root, category)
-    labels = np.array([it.label for it in items])
     cfg = load_config(overrides={"device": "cpu"})
     say = lambda m: print(f"  [{category}] {m}", flush=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -69,8 +66,8 @@ def run(root: Path, category: str, work: Path) -> dict:
     full = fit(train, cfg, progress=say)
     t_full = time.perf_counter() - t0
     out = {"train_images": len(train), "half_images": len(first), "update_images": len(second),
-           "half": summary(half, items, labels, t_half), "updated": summary(updated, items, labels, t_update),
-           "full": summary(full, items, labels, t_full), "update": info,
+           "half": summary(half, items, t_half), "updated": summary(updated, items, t_update),
+           "full": summary(full, items, t_full), "update": info,
            "flagged_by_half": {"count": len(flagged), "of": len(second),
                                "scores_half": [round(float(unseen[i]), 4) for i in flagged],
                                "scores_updated": [round(float(s), 4) for s in after],
@@ -83,8 +80,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--only", nargs="*", default=list(ROOTS))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     old = json.loads(OUT.read_text()).get("categories", {}) if OUT.is_file() else {}
     for cat in args.only:
         folder, category = ROOTS[cat]

@@ -278,6 +278,12 @@ def fit(
         model.fit_stats.update(training_tiles=units, tiles_total=tiles_total)
         owner_of = {path: i for i, path in enumerate(train)}
         images_in = iter_tile_batches(plan, spec, cfg.batch_size, skipped, read_timeout, owners, owner_of)
+    loo_idx: list[int] = []
+    if use_loo:
+        fold_first = cfg.loo_method == "fold" and model.fits_fold_last
+        limit = cfg.loo_images if cfg.loo_images > 0 else len(train)
+        loo_idx = loo_subset(len(train), min(limit, len(train) // 2) if fold_first else limit, cfg.seed)
+        model.calibration_images = tuple(loo_idx)  # the fit prepares their out-of-sample scoring
     if not getattr(model, "trained", False):
         if progress is not None:
             model.step_bar = lambda total, label: Bar(total, label=label, unit="picks")
@@ -287,12 +293,16 @@ def fit(
         model.fit_features(batches, units, owners)
     t1 = time.perf_counter()
     parts, sources = [], []
-    loo_idx: list[int] = []
     if use_loo:
-        loo_idx = loo_subset(len(train), cfg.loo_images, cfg.seed)
-        say(f"scoring {len(loo_idx)} training images leave-one-out for the threshold")
-        parts.append(loo_scores(model, [train[i] for i in loo_idx], loo_idx, skipped, read_timeout))
-        sources.append("loo")
+        as_group = "calibration_fold_images" in model.fit_stats
+        how = ("as a hold-out of the bank selected without them" if as_group else "leave-one-out" +
+               (" (each against the bank without it plus what a fit without it would pick)"
+                if "loo_repair_rows" in model.fit_stats else ""))
+        say(f"scoring {len(loo_idx)} training images {how} for the threshold")
+        with model.out_of_sample(loo_idx, as_group) as owners:
+            parts.append(loo_scores(model, [train[i] for i in loo_idx], owners, skipped, read_timeout))
+        sources.append("fold" if as_group else "loo")
+    model.end_calibration()
     if holdout:
         parts.append(_raw_scores(model, holdout, skipped, read_timeout))
         sources.append("holdout")

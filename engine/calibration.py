@@ -11,8 +11,9 @@ normalised(x) = 0.5 + 0.5 * (x - threshold) / (threshold - centre), centre = med
 the typical normal image maps to 0, the threshold to 0.5. Monotonic and unclipped, so rankings
 (and AUROC) are unchanged.
 
-source: "loo" (training images scored leave-one-out), "holdout" (images kept out of the fit),
-"loo+holdout" (both, pooled), "calibrate" (`vade calibrate`'s images), "train" (in-sample, files of
+source: "loo" (training images scored leave-one-out), "fold" (PatchCore: a calibration fold fitted
+last, scored against the bank without it), "holdout" (images kept out of the fit), "loo+holdout" or
+"fold+holdout" (both, pooled), "calibrate" (`vade calibrate`'s images), "train" (in-sample, files of
 older files without a hold-out: optimistic).
 """
 

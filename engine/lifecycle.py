@@ -133,7 +133,8 @@ def update(
 
     PatchCore: the bank grows by the fit's greedy k-center continued over the new patches down to its
     recorded covering radius; PaDiM: the Gaussians absorb the new images' statistics. The threshold is
-    then recomputed from the previous calibration scores pooled with the new images' leave-one-out scores."""
+    then recomputed from the previous calibration scores pooled with the new images' out-of-sample scores
+    (PatchCore: against the bank before the update; PaDiM: leave-one-out)."""
     import torch
 
     from engine.api import loo_scores
@@ -175,8 +176,10 @@ def update(
     new_scores: list[float] = []
     if can_loo:
         skipped: list[tuple[str, str]] = []
-        new_scores = [float(s) for s in loo_scores(model, paths, list(range(first, first + len(paths))), skipped,
-                                                   read_timeout)]
+        # PatchCore: the new images against the bank without any of their rows (the bank before the
+        # update, a hold-out of it); PaDiM: each leave-one-out of the updated Gaussians (exact).
+        with model.out_of_sample(range(first, first + len(paths)), as_group=True) as owner_ids:
+            new_scores = [float(s) for s in loo_scores(model, paths, owner_ids, skipped, read_timeout)]
     pooled = [*old.normal_scores, *new_scores]
     rate = old.target_rate or model.cfg.target_false_alarm_rate
     model.calibration = calibrate(pooled, rate, f"{old.source}+update" if new_scores else old.source)

@@ -55,7 +55,8 @@ def demo_train(demo_root: Path) -> list[Path]:
 
 
 def test_patchcore_loo_excludes_own_bank_rows_and_is_saved(demo_train: list[Path], tmp_path: Path) -> None:
-    cfg = FitConfig(input_size=64, coreset_ratio=0.5, device="cpu", calibration="loo", loo_images=0)
+    cfg = FitConfig(input_size=64, coreset_ratio=0.5, device="cpu", calibration="loo", loo_images=0,
+                    loo_method="exclude")
     model = fit(demo_train, cfg)
     assert model.bank_owner is not None and model.bank_owner.shape == (model.bank.shape[0],)
     assert set(model.bank_owner.tolist()) <= set(range(len(demo_train)))

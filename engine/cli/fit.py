@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, help="trained methods: stop after this many epochs without hold-out progress")
     p.add_argument("--learning-rate", type=float, dest="learning_rate", help="trained methods: Adam's learning rate")
     p.add_argument("--loo-images", type=int, dest="loo_images",
-                   help="training images scored leave-one-out (a seeded subset; 0 = all; default 200)")
+                   help="training images scored leave-one-out (a seeded subset; 0 = all; default 100)")
+    p.add_argument("--loo-method", choices=["repair", "fold", "exclude"], dest="loo_method",
+                   help="patchcore: how its leave-one-out scores are made (default repair; see README)")
     p.add_argument("--holdout-fraction", type=float, dest="holdout_fraction")
     p.add_argument("--target-far", type=float, dest="target_false_alarm_rate", help="target false-alarm rate")
     p.add_argument("--seed", type=int)
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 FIT_KEYS = ("method", "backbone", "weights", "layers", "input_size", "tile_size", "tile_overlap", "image_scale",
-            "map_size", "coreset_ratio", "calibration", "loo_images", "holdout_fraction",
+            "map_size", "coreset_ratio", "calibration", "loo_images", "loo_method", "holdout_fraction",
             "target_false_alarm_rate", "seed", "batch_size", "device", "precision", "layer_balance", "max_epochs",
             "patience", "learning_rate")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ class AnomalyModel(ABC):
     """A fitted (or being fitted) model. Subclasses add their statistics and the scoring rule."""
 
     method: str = ""
+    # Whether the fit can take its calibration images last (`loo_method: fold`, PatchCore), so that
+    # `out_of_sample(images, as_group=True)` scores them as a hold-out.
+    fits_fold_last: bool = False
 
     def __init__(self, cfg: FitConfig, device: torch.device | str = "cpu", extractor: FeatureExtractor | None = None):
         self.device = torch.device(device)
@@ -75,6 +79,9 @@ class AnomalyModel(ABC):
         # What was done to the model, oldest first: {"event": fitted | calibrated | updated, "when",
         # "images", "vade_version", ...}; saved in model.json, so a file's scores stay explainable.
         self.history: list[dict] = []
+        # Owner ids of the training images the fit's threshold will come from, set before the fit so
+        # that it can prepare their out-of-sample scoring (PatchCore); emptied after the calibration.
+        self.calibration_images: tuple[int, ...] = ()
 
     # ---- the surface the pipeline uses
 
@@ -208,6 +215,16 @@ class AnomalyModel(ABC):
 
     def extra_meta(self) -> dict:
         return {}
+
+    def end_calibration(self) -> None:
+        """Drop what the fit kept only for its calibration (`calibration_images` and what they needed)."""
+        self.calibration_images = ()
+
+    @contextmanager
+    def out_of_sample(self, owners: Sequence[int], as_group: bool = False) -> Iterator[list[int]]:
+        """The `loo_owner` ids that score training images `owners` out of sample; by default each
+        leave-one-out (methods with `fits_fold_last` also score a fold as a group)."""
+        yield list(owners)
 
     def prepare_scoring(self) -> None:
         """Build any shared scoring state ahead of concurrent `score_features` calls (default: none)."""

@@ -11,18 +11,29 @@ owner: `bank_owner[j]` is the training image (its index in the fit's image list)
        excludes those rows: a training image's leave-one-out score, as if the bank had been built
        without it (the bank's own neighbour table for the reweighting is kept as it is). Files from
        before owners were kept load with `bank_owner = None` and cannot score leave-one-out.
+       `loo_method` (the fit's `calibration_images`, owners set before it):
+       repair  (default) the bank without the image's rows plus the rows a fit without it would pick
+               instead (engine/models/loo_repair.py; kept in memory for the fit's calibration only);
+       fold    the bank is selected on the other images first and the greedy k-center then continues
+               over the calibration images' patches down to that covering radius (as `vade update`
+               adds images); `out_of_sample(images, as_group=True)` scores them against the bank
+               without any of their rows (and a neighbour table without them): exactly the scores a
+               bank selected without them gives (tests/test_calibration_fold.py);
+       exclude the bank without the image's rows only.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
 from engine.features.embeddings import patchcore_embedding, to_rows
 from engine.features.maps import grid_to_map
 from engine.models.base import AnomalyModel, ScoreOutput
+from engine.models.loo_repair import RepairRows, closer_repair_rows, find_repair_rows
 from kernels import coreset, knn
 from kernels.knn_index import KnnIndex
 
@@ -36,14 +47,20 @@ NEAREST_SAMPLE = 20_000
 # (fewer images to borrow neighbours from): pcb's weight ratio from 200 of its 400 images is within
 # 1.3% of all 400's (100: 4-10% lower) at 12 s instead of 40 (benchmarks/results/layer_share_*.json).
 NEAREST_UNITS = 200
+# The owner id a calibration fold's rows take while the fold is scored as a group (`out_of_sample`).
+FOLD_OWNER = -1
 
 
 class PatchCore(AnomalyModel):
     method = "patchcore"
+    fits_fold_last = True
 
     bank: torch.Tensor
     bank_sq_norms: torch.Tensor
     bank_owner: torch.Tensor | None = None  # (M,) int32: the training image of each bank row
+    _fold_out: bool = False  # while scoring a fold as a group: neighbour tables exclude FOLD_OWNER rows
+    _repair: RepairRows | None = None  # loo_method repair: the calibration images' repair rows (fit only)
+    _aug: torch.Tensor | None = None  # the bank with the repair rows after it, made when first needed
 
     def fit_features(
         self, batches: Iterable[list[torch.Tensor]], n_images: int, owners: Sequence[int] | None = None
@@ -64,15 +81,25 @@ class PatchCore(AnomalyModel):
         assert rows_store is not None, "no training batches"
         embeddings = rows_store[:filled]
         t1 = time.perf_counter()
-        picks, radius = self._weighted_coreset(embeddings)
-        t2 = time.perf_counter()
-        self.bank_owner = None
+        row_owner = None
         if owners is not None:  # filled while `batches` was read: one owner per image (tile)
             per_unit = self._fit_grid[0] * self._fit_grid[1]
             unit_owner = torch.as_tensor(list(owners), dtype=torch.int32)
             if unit_owner.numel() * per_unit == embeddings.shape[0]:
-                self.bank_owner = unit_owner.repeat_interleave(per_unit)[picks].contiguous()
+                row_owner = unit_owner.repeat_interleave(per_unit)
+        in_fold = None
+        method = self.cfg.loo_method if self.calibration_images and row_owner is not None else None
+        if method == "fold":
+            in_fold = torch.isin(row_owner, torch.as_tensor(self.calibration_images, dtype=torch.int32))
+            if bool(in_fold.all()) or not bool(in_fold.any()):
+                in_fold = None
+        picks, radius = self._weighted_coreset(embeddings, in_fold)
+        t2 = time.perf_counter()
+        self.bank_owner = None if row_owner is None else row_owner[picks].contiguous()
         self._set_bank(embeddings[picks].float())
+        if method == "repair":
+            assert row_owner is not None
+            self._prepare_repair(embeddings, row_owner, picks, radius)
         self.fit_stats.update(
             training_patches=int(embeddings.shape[0]),
             bank_size=int(picks.numel()),
@@ -82,9 +109,12 @@ class PatchCore(AnomalyModel):
             seconds_coreset=round(t2 - t1, 3),
         )
 
-    def _weighted_coreset(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _weighted_coreset(
+        self, embeddings: torch.Tensor, in_fold: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
         """Layer weights per `layer_balance`, applied to the embeddings in place, and the coreset
-        (picks, covering radius) selected on the weighted embeddings."""
+        (picks, covering radius) selected on the weighted embeddings; `in_fold` (per row): the
+        calibration fold's rows, fitted last (`_fold_last_coreset`)."""
         channels = list(self.extractor.channels)
         mode = self.cfg.layer_balance if len(channels) > 1 else "none"
         share = self.layer_shares(embeddings, mode)
@@ -95,7 +125,80 @@ class PatchCore(AnomalyModel):
         if mode != "none":
             for start in range(0, embeddings.shape[0], 65536):
                 embeddings[start : start + 65536] *= weights.to(embeddings.dtype)
+        if in_fold is not None:
+            return self._fold_last_coreset(embeddings, in_fold)
         return self._select_coreset(embeddings)
+
+    def _fold_last_coreset(self, embeddings: torch.Tensor, in_fold: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The coreset of the rows outside the fold (exactly a fit without the fold's images, at the
+        candidate stride of all rows), then the greedy continued over the fold's candidates down to
+        its covering radius: (picks, that radius)."""
+        n_total = embeddings.shape[0]
+        rest = (~in_fold).nonzero().squeeze(1)
+        fold = in_fold.nonzero().squeeze(1)
+        picks, radius = self._select_coreset(embeddings[rest], stride_rows=n_total)
+        picks = rest[picks]
+        fold = fold[self._grid_keep(fold, int(self.fit_stats.get("coreset_candidate_stride", 1)))]
+        added, _, _ = self._continue_greedy(embeddings[picks].float(), embeddings[fold].float(), radius)
+        self.fit_stats.update(calibration_fold_images=len(self.calibration_images), calibration_fold_rows=int(added.numel()))
+        return torch.cat([picks, fold[added]]), radius
+
+    def _prepare_repair(self, embeddings: torch.Tensor, row_owner: torch.Tensor, picks: torch.Tensor,
+                        radius: float) -> None:
+        """The calibration images' repair rows and their neighbour table (engine/models/loo_repair.py)."""
+        t0 = time.perf_counter()
+        n_rows = embeddings.shape[0]
+        stride = int(self.fit_stats.get("coreset_candidate_stride", 1))
+        candidates = torch.arange(n_rows) if getattr(self, "_fit_grid", None) is None else \
+            self._grid_keep(torch.arange(n_rows), stride).nonzero().squeeze(1)
+        matrix = projection_matrix(embeddings.shape[1], self.cfg.projection_dim,
+                                   torch.Generator().manual_seed(self.cfg.seed))
+
+        def project(rows: torch.Tensor) -> torch.Tensor:
+            return rows.float() @ matrix if matrix is not None else rows.float()
+
+        repair, info = find_repair_rows(embeddings, row_owner, picks, radius, self.calibration_images, candidates,
+                                        project, self.cfg.seed)
+        repair.rows = repair.rows.to(self.device)
+        k = min(self.cfg.num_neighbors, self.bank.shape[0])
+        tables = []
+        for owner, (start, stop) in repair.spans.items():
+            rows = repair.rows[start:stop]
+            d_bank, i_bank = self.nearest(rows, k, torch.full((rows.shape[0],), owner, dtype=torch.int32))
+            d_own = torch.cdist(rows, rows)
+            d_own, i_own = d_own.topk(min(k, rows.shape[0]), dim=1, largest=False)
+            d_all = torch.cat([d_own, d_bank.to(d_own.dtype)], dim=1)  # its own rows first: itself leads ties
+            i_all = torch.cat([i_own + self.bank.shape[0] + start, i_bank.to(i_own.device)], dim=1)
+            tables.append(i_all.gather(1, d_all.argsort(dim=1, stable=True)[:, :k]))
+        repair.support = torch.cat(tables) if tables else torch.zeros((0, k), dtype=torch.long)
+        self._repair = repair
+        self.fit_stats.update(info, seconds_loo_repair=round(time.perf_counter() - t0, 3))
+
+    def end_calibration(self) -> None:
+        self.calibration_images = ()
+        self._repair = None
+        self._aug = None
+
+    def _grid_keep(self, rows: torch.Tensor, stride: int) -> torch.Tensor:
+        """Which of these row numbers (of whole units) are on every `stride`-th row and column of the patch grid."""
+        h, w = self._fit_grid
+        cell = rows % (h * w)
+        return ((cell // w) % stride == 0) & ((cell % w) % stride == 0)
+
+    def _continue_greedy(
+        self, bank: torch.Tensor, rows: torch.Tensor, radius: float
+    ) -> tuple[torch.Tensor, float, float]:
+        """Greedy k-center continued from `bank` over new weighted `rows` (in the coreset's seeded
+        projection) until every row is within `radius`: (indices of the picks into `rows`, their
+        covering radius after, the farthest row's distance before)."""
+        from kernels.coreset_cpu import greedy_kcenter_extend
+
+        matrix = projection_matrix(rows.shape[1], self.cfg.projection_dim, torch.Generator().manual_seed(self.cfg.seed))
+        proj_bank = bank @ matrix if matrix is not None else bank
+        proj_new = rows @ matrix if matrix is not None else rows
+        start_d, _ = KnnIndex.build(proj_bank, seed=self.cfg.seed).search(proj_new, 1)
+        picks, after = greedy_kcenter_extend(proj_bank, proj_new, float(radius), min_d=start_d[:, 0])
+        return picks, after, float(start_d.max()) if start_d.numel() else 0.0
 
     def layer_shares(self, embeddings: torch.Tensor, mode: str) -> torch.Tensor:
         """Each layer's share of the quantity `mode` balances (float64; ones for `none`)."""
@@ -219,16 +322,15 @@ class PatchCore(AnomalyModel):
         stride = 2
         while stride_rows / stride**2 > limit and stride < min(h, w):
             stride += 1
-        cell = torch.arange(n_total) % (h * w)
-        keep = ((cell // w) % stride == 0) & ((cell % w) % stride == 0)
         self.fit_stats["coreset_candidate_stride"] = stride
-        return keep.nonzero().squeeze(1)
+        return self._grid_keep(torch.arange(n_total), stride).nonzero().squeeze(1)
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.bank = bank.contiguous().to(self.device)
         self.bank_sq_norms = knn.sq_norms(self.bank)  # once per bank, not per query batch
         self._index: KnnIndex | None = None
         self._support: torch.Tensor | None = None
+        self._repair, self._aug = None, None  # repair rows belong to the bank they were made for
         # The fused kernel's bf16 operand, padded to a multiple of 16 columns (Lite0's 152 -> 160), made once.
         self._bank_lowp = knn.lowp_bank(self.bank) if self.device.type == "cuda" else None
 
@@ -244,8 +346,36 @@ class PatchCore(AnomalyModel):
         """(M, k) the `num_neighbors` bank rows nearest each bank row (itself first): the support of
         the image-score reweighting, looked up per patch instead of searched per image."""
         k = min(self.cfg.num_neighbors, self.bank.shape[0])
-        parts = [self.nearest(self.bank[start : start + 8192], k)[1] for start in range(0, self.bank.shape[0], 8192)]
+        parts = [self.nearest(rows, k, self._support_owner(rows.shape[0]))[1]
+                 for rows in self.bank.split(8192)]
         return torch.cat(parts)
+
+    def _support_owner(self, n: int) -> torch.Tensor | None:
+        """Query owners for the reweighting's support search: the fold's while it is scored as a group."""
+        return torch.full((n,), FOLD_OWNER, dtype=torch.int32) if self._fold_out else None
+
+    @contextmanager
+    def out_of_sample(self, owners: Sequence[int], as_group: bool = False) -> Iterator[list[int]]:
+        """Owner ids that score training images `owners` out of sample: each without its own rows, or
+        (as_group) all of them without any of their rows, neighbour table included: a hold-out of
+        the bank without them (a calibration fold fitted last, the images `vade update` added)."""
+        if not as_group:
+            yield list(owners)
+            return
+        if self.bank_owner is None:
+            raise ValueError("this PatchCore model keeps no bank owners (fitted before owners were kept): "
+                             "it cannot score leave-one-out; calibrate it on held-out images")
+        kept = self.bank_owner
+        group = torch.isin(kept, torch.as_tensor(list(owners), dtype=torch.int32))
+        if bool(group.all()):
+            raise ValueError("every bank row belongs to the images to hold out: nothing to score them against")
+        self.bank_owner = torch.where(group, torch.tensor(FOLD_OWNER, dtype=torch.int32), kept)
+        self._index, self._support, self._fold_out = None, None, True
+        try:
+            yield [FOLD_OWNER] * len(owners)
+        finally:
+            self.bank_owner = kept
+            self._index, self._support, self._fold_out = None, None, False
 
     def nearest(
         self, rows: torch.Tensor, k: int, query_owner: torch.Tensor | None = None
@@ -272,23 +402,55 @@ class PatchCore(AnomalyModel):
         emb = self._embed(feature_maps)
         b, c, h, w = emb.shape
         rows = to_rows(emb)
-        dist, idx = self.nearest(rows, 1, self._row_owner(loo_owner, h * w))
-        patch_scores = dist[:, 0].view(b, h * w)
-        image_scores = self._reweighted_max(patch_scores, idx[:, 0].view(b, h * w), rows.view(b, h * w, c))
+        dist, idx = self._nearest_out_of_sample(rows, self._row_owner(loo_owner, h * w))
+        patch_scores = dist.view(b, h * w)
+        image_scores = self._reweighted_max(patch_scores, idx.view(b, h * w), rows.view(b, h * w, c))
         maps = grid_to_map(patch_scores.view(b, h, w), self.input_size, self.cfg.blur_sigma)
         return ScoreOutput(image_scores.float(), maps.float())
+
+    def _nearest_out_of_sample(self, rows: torch.Tensor, row_owner: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dist, idx) (P,) of each row's nearest bank row, excluding `row_owner`'s rows; with repair
+        rows (the fit's calibration), an index >= bank rows is a repair row (`_rows_and_support`)."""
+        dist, idx = self.nearest(rows, 1, row_owner)
+        dist, idx = dist[:, 0].contiguous(), idx[:, 0].contiguous()
+        if row_owner is not None and self._repair is not None:
+            closer_repair_rows(rows, row_owner, dist, idx, self._repair, self.bank.shape[0])
+        return dist, idx
+
+    def _rows_and_support(self, anchors: torch.Tensor, table: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the rows `anchors` index: the bank, then any repair rows; (n, k) each anchor's neighbours
+        among them, itself first), from the neighbour table (`table`) or a search."""
+        k = min(self.cfg.num_neighbors, self.bank.shape[0])
+
+        def of_bank(ids: torch.Tensor) -> torch.Tensor:
+            if table:
+                assert self._support is not None
+                return self._support[ids]
+            return self.nearest(self.bank[ids], k, self._support_owner(ids.numel()))[1]
+
+        n_bank = self.bank.shape[0]
+        repair = self._repair
+        if repair is None or repair.support is None or not bool((anchors >= n_bank).any()):
+            return self.bank, of_bank(anchors)
+        if self._aug is None:
+            self._aug = torch.cat([self.bank, repair.rows.to(self.bank.device)])
+        support = torch.empty((anchors.numel(), k), dtype=torch.long, device=anchors.device)
+        in_bank = anchors < n_bank
+        if bool(in_bank.any()):
+            support[in_bank] = of_bank(anchors[in_bank]).to(support.device)
+        support[~in_bank] = repair.support[anchors[~in_bank] - n_bank].to(support.device)
+        return self._aug, support
 
     def _reweighted_max(self, patch_scores: torch.Tensor, nn_idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Max patch score times 1 - softmax(distances to the bank neighbours of its nearest entry)[0]."""
         batch = torch.arange(patch_scores.shape[0], device=patch_scores.device)
         worst = patch_scores.argmax(dim=1)
         score = patch_scores[batch, worst]
-        k = min(self.cfg.num_neighbors, self.bank.shape[0])
-        if k <= 1:
+        if min(self.cfg.num_neighbors, self.bank.shape[0]) <= 1:
             return score
-        _, support = self.nearest(self.bank[nn_idx[batch, worst]], k)  # (B, k), first is the entry itself
+        vectors, support = self._rows_and_support(nn_idx[batch, worst], table=False)  # itself first
         worst_rows = rows[batch, worst]  # (B, C)
-        dists = torch.linalg.vector_norm(self.bank[support] - worst_rows[:, None, :], dim=2)
+        dists = torch.linalg.vector_norm(vectors[support] - worst_rows[:, None, :], dim=2)
         weights = 1.0 - torch.softmax(dists, dim=1)[:, 0]
         return weights * score
 
@@ -298,16 +460,15 @@ class PatchCore(AnomalyModel):
         emb = self._embed(feature_maps)
         b, c, h, w = emb.shape
         rows = to_rows(emb)
-        dist, idx = self.nearest(rows, 1, self._row_owner(loo_owner, h * w))
-        factor = torch.ones_like(dist[:, 0])
+        dist, idx = self._nearest_out_of_sample(rows, self._row_owner(loo_owner, h * w))
+        factor = torch.ones_like(dist)
         if min(self.cfg.num_neighbors, self.bank.shape[0]) > 1:
             self.prepare_scoring()
-            assert self._support is not None
             for start in range(0, rows.shape[0], 2048):
-                support = self._support[idx[start : start + 2048, 0]]  # (n, k), first is the entry itself
-                dists = torch.linalg.vector_norm(self.bank[support] - rows[start : start + 2048, None, :], dim=2)
+                vectors, support = self._rows_and_support(idx[start : start + 2048], table=True)  # itself first
+                dists = torch.linalg.vector_norm(vectors[support] - rows[start : start + 2048, None, :], dim=2)
                 factor[start : start + 2048] = 1.0 - torch.softmax(dists, dim=1)[:, 0]
-        return torch.stack([dist[:, 0].view(b, h, w), factor.view(b, h, w)], dim=1).float()
+        return torch.stack([dist.view(b, h, w), factor.view(b, h, w)], dim=1).float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"bank": self.bank.detach().float().cpu().contiguous(), "column_weights": self.column_weights.contiguous()}
@@ -328,23 +489,14 @@ class PatchCore(AnomalyModel):
         """`vade update`: continue the fit's greedy k-center from the current bank over new weighted
         patch rows (their distances to the bank are the starting minima) until every candidate is
         within the fit's covering radius; the picks join the bank. Returns what was done."""
-        from kernels.coreset_cpu import greedy_kcenter_extend
-
         radius = self.fit_stats.get("coreset_covering_radius_projected")
         if radius is None:
             raise ValueError("this model records no coreset covering radius: refit it to update")
-        stride = int(self.fit_stats.get("coreset_candidate_stride", 1))
-        h, w = grid
-        cell = torch.arange(rows.shape[0]) % (h * w)
-        keep = ((cell // w) % stride == 0) & ((cell % w) % stride == 0)
-        candidates = keep.nonzero().squeeze(1)
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        matrix = projection_matrix(rows.shape[1], self.cfg.projection_dim, gen)
+        self._fit_grid = grid
+        candidates = torch.arange(rows.shape[0])
+        candidates = candidates[self._grid_keep(candidates, int(self.fit_stats.get("coreset_candidate_stride", 1)))]
         bank = self.bank.float().cpu()
-        proj_bank = bank @ matrix if matrix is not None else bank
-        proj_new = rows[candidates].float() @ matrix if matrix is not None else rows[candidates].float()
-        start_d, _ = KnnIndex.build(proj_bank, seed=self.cfg.seed).search(proj_new, 1)
-        picks, after = greedy_kcenter_extend(proj_bank, proj_new, float(radius), min_d=start_d[:, 0])
+        picks, after, farthest = self._continue_greedy(bank, rows[candidates].float(), float(radius))
         added = candidates[picks]
         if owners is not None and self.bank_owner is not None:
             self.bank_owner = torch.cat([self.bank_owner, owners[added].to(torch.int32)])
@@ -355,7 +507,7 @@ class PatchCore(AnomalyModel):
         self.fit_stats["training_patches"] = int(self.fit_stats.get("training_patches", 0)) + int(rows.shape[0])
         return {"patches": int(rows.shape[0]), "candidates": int(candidates.numel()), "added": int(added.numel()),
                 "bank_size": int(self.bank.shape[0]), "covering_radius_projected": float(radius),
-                "new_rows_radius_after": round(after, 6), "farthest_new_row_before": round(float(start_d.max()), 6)}
+                "new_rows_radius_after": round(after, 6), "farthest_new_row_before": round(farthest, 6)}
 
     def extra_meta(self) -> dict:
         bank = getattr(self, "bank", None)
