@@ -295,9 +295,7 @@ def fit(
     parts, sources = [], []
     if use_loo:
         as_group = "calibration_fold_images" in model.fit_stats
-        how = ("as a hold-out of the bank selected without them" if as_group else "leave-one-out" +
-               (" (each against the bank without it plus what a fit without it would pick)"
-                if "loo_repair_rows" in model.fit_stats else ""))
+        how = "as a hold-out of the bank selected without them" if as_group else "leave-one-out"
         say(f"scoring {len(loo_idx)} training images {how} for the threshold")
         with model.out_of_sample(loo_idx, as_group) as owners:
             parts.append(loo_scores(model, [train[i] for i in loo_idx], owners, skipped, read_timeout))

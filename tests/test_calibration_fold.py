@@ -35,10 +35,10 @@ def _fold_and_rest(cfg: FitConfig, paths: list[Path]) -> tuple[PatchCore, PatchC
 def test_fold_scores_are_a_hold_out_of_the_bank_without_the_fold(demo_train: list[Path], tiled: bool) -> None:
     if tiled:  # 25 tiles of 64 px per 256 px image (1,600 patches), candidates thinned to stride 2 in both fits
         cfg = FitConfig(tile_size=64, image_scale=1, coreset_ratio=0.1, device="cpu", layer_balance="none",
-                        loo_images=6, coreset_candidates=8000, loo_method="fold")
+                        loo_images=6, coreset_candidates=8000, loo_method="fold", calibration="loo")
     else:
         cfg = FitConfig(input_size=64, coreset_ratio=0.25, device="cpu", layer_balance="none", loo_images=6,
-                        loo_method="fold")
+                        loo_method="fold", calibration="loo")
     model, rest, fold = _fold_and_rest(cfg, demo_train)
     if tiled:
         assert model.fit_stats["coreset_candidate_stride"] == rest.fit_stats["coreset_candidate_stride"] == 2
@@ -63,19 +63,21 @@ def test_fold_scores_are_a_hold_out_of_the_bank_without_the_fold(demo_train: lis
 
 
 def test_fold_is_at_most_half_and_other_methods_score_each_image(demo_train: list[Path]) -> None:
-    cfg = FitConfig(input_size=64, coreset_ratio=0.25, device="cpu", loo_images=0, loo_method="fold")
+    cfg = FitConfig(input_size=64, coreset_ratio=0.25, device="cpu", loo_images=0, loo_method="fold",
+                    calibration="loo")
     model = fit(demo_train, cfg)
     assert model.calibration.source == "fold" and model.calibration.n == len(demo_train) // 2
-    for method in ("exclude", "repair"):
-        plain = fit(demo_train, FitConfig(input_size=64, coreset_ratio=0.25, device="cpu", loo_method=method))
-        assert plain.calibration.source == "loo" and plain.calibration.n == len(demo_train)
-        assert "calibration_fold_images" not in plain.fit_stats
-    padim = fit(demo_train, FitConfig(method="padim", input_size=64, device="cpu", loo_images=6, loo_method="fold"))
+    plain = fit(demo_train, FitConfig(input_size=64, coreset_ratio=0.25, device="cpu", loo_method="exclude",
+                                      calibration="loo"))
+    assert plain.calibration.source == "loo" and plain.calibration.n == len(demo_train)
+    assert "calibration_fold_images" not in plain.fit_stats
+    padim = fit(demo_train, FitConfig(method="padim", input_size=64, device="cpu", loo_images=6, loo_method="fold",
+                                      calibration="loo"))
     assert padim.calibration.source == "loo" and padim.calibration.n == 6  # PaDiM's leave-one-out is exact
 
 
 def test_update_scores_new_images_against_the_bank_before_it(demo_train: list[Path], tmp_path: Path) -> None:
-    cfg = FitConfig(input_size=64, coreset_ratio=0.1, device="cpu", loo_images=4, loo_method="fold")
+    cfg = FitConfig(input_size=64, coreset_ratio=0.1, device="cpu", loo_images=4, loo_method="fold", calibration="loo")
     first, second = demo_train[:8], demo_train[8:]
     old = fit(first, cfg)
     old.save(tmp_path / "half")

@@ -21,7 +21,7 @@ def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert "cannot certify the target 1.00%" in run.stderr + run.stdout
     meta = json.loads((model / "model.json").read_text())
     cal = meta["calibration"]
-    assert cal["source"] == "loo" and cal["n"] == 16 and cal["sufficient"] is False
+    assert cal["source"] == "loo+holdout" and cal["n"] == 16 and cal["sufficient"] is False  # PatchCore: both
     assert cal["certified_rate"] == pytest.approx(1 / 17) and cal["target_rate"] == 0.01
     assert [e["event"] for e in meta["history"]] == ["fitted"] and meta["history"][0]["images"] == 16
     assert meta["tensors"]["bank_owner"]["dtype"] == "int32"
@@ -104,7 +104,7 @@ def test_update_grows_the_bank_to_the_covering_radius(demo_root: Path, tmp_path:
     assert after["bank_size"] == before["bank_size"] + event["added"] > before["bank_size"]
     assert event["new_rows_radius_after"] <= event["covering_radius_projected"] * (1 + 1e-4)
     assert after["tensors"]["bank_owner"]["shape"] == [after["bank_size"]]
-    assert after["calibration"]["n"] == 16 and after["calibration"]["source"] == "loo+update"
+    assert after["calibration"]["n"] == 16 and after["calibration"]["source"] == "loo+holdout+update"
     refused = vade("update", str(half), str(second), "--out", str(tmp_path / "up"))
     assert refused.returncode == 2 and "already exists" in refused.stderr
     broken = tmp_path / "broken"
@@ -133,3 +133,36 @@ def test_padim_update_equals_a_fit_on_all_images(demo_root: Path, tmp_path: Path
     torch.testing.assert_close(updated.mean, full.mean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(updated.precision, full.precision, rtol=1e-3, atol=1e-3)
     assert load_model(tmp_path / "up").history[-1]["event"] == "updated"
+
+
+def test_update_clears_the_false_alarms_it_adds(demo_root: Path, tmp_path: Path) -> None:
+    """Good parts seen closer up (a camera moved in: 2x zoom): the half model flags all of them; after
+    `vade update` with half of them, those score below the new threshold, and the others of the batch
+    lower than before."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.api import _raw_scores, fit
+    from engine.config import FitConfig
+    from engine.lifecycle import update
+    from engine.models.registry import load_model
+
+    first, _ = _halves(demo_root, tmp_path)
+    batch = tmp_path / "closer"
+    batch.mkdir()
+    for p in sorted(first.iterdir()):
+        im = Image.open(p).convert("RGB")
+        im.crop((0, 0, im.width // 2, im.height // 2)).resize(im.size, Image.BILINEAR).save(batch / p.name)
+    new = sorted(batch.iterdir())
+    cfg = FitConfig(input_size=64, coreset_ratio=0.25, device="cpu", calibration="loo")
+    fit(sorted(first.iterdir()), cfg).save(tmp_path / "half")
+    half = load_model(tmp_path / "half", device="cpu")
+    before = np.asarray(_raw_scores(half, new, [], 30.0))
+    assert (before >= half.calibration.threshold).all()  # every close-up is a false alarm
+    cleared = tmp_path / "cleared.txt"
+    cleared.write_text("".join(f"{p}\n" for p in new[:4]))
+    updated, _, info = update(tmp_path / "half", cleared, out=tmp_path / "up", device="cpu")
+    assert info["added"] > 0
+    after = np.asarray(_raw_scores(updated, new, [], 30.0))
+    assert (after[:4] < updated.calibration.threshold).all()  # the cleared ones pass now
+    assert (after[4:] < before[4:]).all()  # and the batch's others come closer to normal

@@ -31,13 +31,14 @@ def test_patchcore_default_on_bottle_reaches_the_peer(bottle_patchcore, bottle_r
     assert set(result["per_defect"]) == {"broken_large", "broken_small", "contamination"}
 
 
-def test_patchcore_threshold_comes_from_leave_one_out_scores(bottle_patchcore) -> None:
+def test_patchcore_threshold_comes_from_hold_out_and_leave_one_out_scores(bottle_patchcore) -> None:
     cal = bottle_patchcore.calibration
-    # All 209 images in the bank; 100 of them scored leave-one-out certify the 1% target.
-    assert cal.source == "loo" and len(cal.normal_scores) == 100 and bottle_patchcore.fit_stats["holdout_images"] == 0
-    assert cal.sufficient and cal.rank == 100 and cal.certified_rate <= 0.01
+    # PatchCore's default `both`: 21 images held out, 100 of the other 188 scored leave-one-out.
+    assert cal.source == "loo+holdout" and len(cal.normal_scores) == 121
+    assert bottle_patchcore.fit_stats["holdout_images"] == 21
+    assert cal.sufficient and cal.rank == 121 and cal.certified_rate <= 0.01
     assert bottle_patchcore.normalize(torch.tensor(cal.threshold)).item() == pytest.approx(0.5)
-    assert sum(s > cal.threshold for s in cal.normal_scores) == 0  # rank 100 of 100: the largest
+    assert sum(s > cal.threshold for s in cal.normal_scores) == 0  # rank 121 of 121: the largest
 
 
 def test_padim_on_bottle_reaches_the_peer(bottle_root: Path) -> None:

@@ -139,7 +139,8 @@ def test_config_refuses_what_does_not_apply(method: str) -> None:
         load_config(overrides={"method": method, "tile_size": 256})
     with pytest.raises(ConfigError, match="holdout_fraction"):
         load_config(overrides={"method": method, "holdout_fraction": 0.0})
-    assert load_config(overrides={"method": "patchcore"}).calibration == "loo"
+    assert load_config(overrides={"method": "patchcore"}).calibration == "both"
+    assert load_config(overrides={"method": "padim"}).calibration == "loo"
 
 
 def test_presets_load(method_presets=("configs/stfpm_lite0.yaml", "configs/feature_ae_lite0.yaml")) -> None:

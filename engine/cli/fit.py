@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from engine.cli.common import positive_seconds, say
+from engine.config import LOO_METHODS, load_config
 from engine.errors import VadeError
 from engine.inputs.settings import DEFAULT_READ_TIMEOUT_S
 
@@ -29,16 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--map-size", type=int, dest="map_size", help="tiled models: long side of stored maps at most")
     p.add_argument("--coreset-ratio", type=float, dest="coreset_ratio")
     p.add_argument("--calibration", choices=["auto", "loo", "holdout", "both"],
-                   help="threshold from leave-one-out scores of training images (auto for patchcore / padim: every "
-                        "image in the model), a held-out --holdout-fraction (auto for the trained stfpm / "
-                        "feature_ae), or both")
+                   help="threshold from leave-one-out scores of training images (auto for padim: every image in "
+                        "the model), a held-out --holdout-fraction (auto for the trained stfpm / feature_ae), or "
+                        "both pooled (auto for patchcore)")
     p.add_argument("--max-epochs", type=int, dest="max_epochs", help="trained methods: epochs at most")
     p.add_argument("--patience", type=int, help="trained methods: stop after this many epochs without hold-out progress")
     p.add_argument("--learning-rate", type=float, dest="learning_rate", help="trained methods: Adam's learning rate")
     p.add_argument("--loo-images", type=int, dest="loo_images",
                    help="training images scored leave-one-out (a seeded subset; 0 = all; default 100)")
-    p.add_argument("--loo-method", choices=["repair", "fold", "exclude"], dest="loo_method",
-                   help="patchcore: how its leave-one-out scores are made (default repair; see README)")
+    p.add_argument("--loo-method", choices=list(LOO_METHODS), dest="loo_method",
+                   help="patchcore: how its leave-one-out scores are made (default exclude; see README)")
     p.add_argument("--holdout-fraction", type=float, dest="holdout_fraction")
     p.add_argument("--target-far", type=float, dest="target_false_alarm_rate", help="target false-alarm rate")
     p.add_argument("--seed", type=int)
@@ -62,7 +63,6 @@ FIT_KEYS = ("method", "backbone", "weights", "layers", "input_size", "tile_size"
 
 def run_fit(args: argparse.Namespace) -> int:
     from engine.api import fit
-    from engine.config import load_config
     from engine.inputs.datasets import train_images
 
     out = Path(args.out)

@@ -12,14 +12,12 @@ owner: `bank_owner[j]` is the training image (its index in the fit's image list)
        without it (the bank's own neighbour table for the reweighting is kept as it is). Files from
        before owners were kept load with `bank_owner = None` and cannot score leave-one-out.
        `loo_method` (the fit's `calibration_images`, owners set before it):
-       repair  (default) the bank without the image's rows plus the rows a fit without it would pick
-               instead (engine/models/loo_repair.py; kept in memory for the fit's calibration only);
+       exclude (default) the bank without the image's rows;
        fold    the bank is selected on the other images first and the greedy k-center then continues
                over the calibration images' patches down to that covering radius (as `vade update`
                adds images); `out_of_sample(images, as_group=True)` scores them against the bank
                without any of their rows (and a neighbour table without them): exactly the scores a
-               bank selected without them gives (tests/test_calibration_fold.py);
-       exclude the bank without the image's rows only.
+               bank selected without them gives (tests/test_calibration_fold.py).
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ import torch
 from engine.features.embeddings import patchcore_embedding, to_rows
 from engine.features.maps import grid_to_map
 from engine.models.base import AnomalyModel, ScoreOutput
-from engine.models.loo_repair import RepairRows, closer_repair_rows, find_repair_rows
 from kernels import coreset, knn
 from kernels.knn_index import KnnIndex
 
@@ -59,8 +56,6 @@ class PatchCore(AnomalyModel):
     bank_sq_norms: torch.Tensor
     bank_owner: torch.Tensor | None = None  # (M,) int32: the training image of each bank row
     _fold_out: bool = False  # while scoring a fold as a group: neighbour tables exclude FOLD_OWNER rows
-    _repair: RepairRows | None = None  # loo_method repair: the calibration images' repair rows (fit only)
-    _aug: torch.Tensor | None = None  # the bank with the repair rows after it, made when first needed
 
     def fit_features(
         self, batches: Iterable[list[torch.Tensor]], n_images: int, owners: Sequence[int] | None = None
@@ -97,9 +92,6 @@ class PatchCore(AnomalyModel):
         t2 = time.perf_counter()
         self.bank_owner = None if row_owner is None else row_owner[picks].contiguous()
         self._set_bank(embeddings[picks].float())
-        if method == "repair":
-            assert row_owner is not None
-            self._prepare_repair(embeddings, row_owner, picks, radius)
         self.fit_stats.update(
             training_patches=int(embeddings.shape[0]),
             bank_size=int(picks.numel()),
@@ -142,42 +134,6 @@ class PatchCore(AnomalyModel):
         added, _, _ = self._continue_greedy(embeddings[picks].float(), embeddings[fold].float(), radius)
         self.fit_stats.update(calibration_fold_images=len(self.calibration_images), calibration_fold_rows=int(added.numel()))
         return torch.cat([picks, fold[added]]), radius
-
-    def _prepare_repair(self, embeddings: torch.Tensor, row_owner: torch.Tensor, picks: torch.Tensor,
-                        radius: float) -> None:
-        """The calibration images' repair rows and their neighbour table (engine/models/loo_repair.py)."""
-        t0 = time.perf_counter()
-        n_rows = embeddings.shape[0]
-        stride = int(self.fit_stats.get("coreset_candidate_stride", 1))
-        candidates = torch.arange(n_rows) if getattr(self, "_fit_grid", None) is None else \
-            self._grid_keep(torch.arange(n_rows), stride).nonzero().squeeze(1)
-        matrix = projection_matrix(embeddings.shape[1], self.cfg.projection_dim,
-                                   torch.Generator().manual_seed(self.cfg.seed))
-
-        def project(rows: torch.Tensor) -> torch.Tensor:
-            return rows.float() @ matrix if matrix is not None else rows.float()
-
-        repair, info = find_repair_rows(embeddings, row_owner, picks, radius, self.calibration_images, candidates,
-                                        project, self.cfg.seed)
-        repair.rows = repair.rows.to(self.device)
-        k = min(self.cfg.num_neighbors, self.bank.shape[0])
-        tables = []
-        for owner, (start, stop) in repair.spans.items():
-            rows = repair.rows[start:stop]
-            d_bank, i_bank = self.nearest(rows, k, torch.full((rows.shape[0],), owner, dtype=torch.int32))
-            d_own = torch.cdist(rows, rows)
-            d_own, i_own = d_own.topk(min(k, rows.shape[0]), dim=1, largest=False)
-            d_all = torch.cat([d_own, d_bank.to(d_own.dtype)], dim=1)  # its own rows first: itself leads ties
-            i_all = torch.cat([i_own + self.bank.shape[0] + start, i_bank.to(i_own.device)], dim=1)
-            tables.append(i_all.gather(1, d_all.argsort(dim=1, stable=True)[:, :k]))
-        repair.support = torch.cat(tables) if tables else torch.zeros((0, k), dtype=torch.long)
-        self._repair = repair
-        self.fit_stats.update(info, seconds_loo_repair=round(time.perf_counter() - t0, 3))
-
-    def end_calibration(self) -> None:
-        self.calibration_images = ()
-        self._repair = None
-        self._aug = None
 
     def _grid_keep(self, rows: torch.Tensor, stride: int) -> torch.Tensor:
         """Which of these row numbers (of whole units) are on every `stride`-th row and column of the patch grid."""
@@ -330,7 +286,6 @@ class PatchCore(AnomalyModel):
         self.bank_sq_norms = knn.sq_norms(self.bank)  # once per bank, not per query batch
         self._index: KnnIndex | None = None
         self._support: torch.Tensor | None = None
-        self._repair, self._aug = None, None  # repair rows belong to the bank they were made for
         # The fused kernel's bf16 operand, padded to a multiple of 16 columns (Lite0's 152 -> 160), made once.
         self._bank_lowp = knn.lowp_bank(self.bank) if self.device.type == "cuda" else None
 
@@ -402,44 +357,16 @@ class PatchCore(AnomalyModel):
         emb = self._embed(feature_maps)
         b, c, h, w = emb.shape
         rows = to_rows(emb)
-        dist, idx = self._nearest_out_of_sample(rows, self._row_owner(loo_owner, h * w))
+        dist, idx = self._nearest_row(rows, self._row_owner(loo_owner, h * w))
         patch_scores = dist.view(b, h * w)
         image_scores = self._reweighted_max(patch_scores, idx.view(b, h * w), rows.view(b, h * w, c))
         maps = grid_to_map(patch_scores.view(b, h, w), self.input_size, self.cfg.blur_sigma)
         return ScoreOutput(image_scores.float(), maps.float())
 
-    def _nearest_out_of_sample(self, rows: torch.Tensor, row_owner: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dist, idx) (P,) of each row's nearest bank row, excluding `row_owner`'s rows; with repair
-        rows (the fit's calibration), an index >= bank rows is a repair row (`_rows_and_support`)."""
+    def _nearest_row(self, rows: torch.Tensor, row_owner: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dist, idx) (P,) of each row's nearest bank row, excluding `row_owner`'s rows."""
         dist, idx = self.nearest(rows, 1, row_owner)
-        dist, idx = dist[:, 0].contiguous(), idx[:, 0].contiguous()
-        if row_owner is not None and self._repair is not None:
-            closer_repair_rows(rows, row_owner, dist, idx, self._repair, self.bank.shape[0])
-        return dist, idx
-
-    def _rows_and_support(self, anchors: torch.Tensor, table: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the rows `anchors` index: the bank, then any repair rows; (n, k) each anchor's neighbours
-        among them, itself first), from the neighbour table (`table`) or a search."""
-        k = min(self.cfg.num_neighbors, self.bank.shape[0])
-
-        def of_bank(ids: torch.Tensor) -> torch.Tensor:
-            if table:
-                assert self._support is not None
-                return self._support[ids]
-            return self.nearest(self.bank[ids], k, self._support_owner(ids.numel()))[1]
-
-        n_bank = self.bank.shape[0]
-        repair = self._repair
-        if repair is None or repair.support is None or not bool((anchors >= n_bank).any()):
-            return self.bank, of_bank(anchors)
-        if self._aug is None:
-            self._aug = torch.cat([self.bank, repair.rows.to(self.bank.device)])
-        support = torch.empty((anchors.numel(), k), dtype=torch.long, device=anchors.device)
-        in_bank = anchors < n_bank
-        if bool(in_bank.any()):
-            support[in_bank] = of_bank(anchors[in_bank]).to(support.device)
-        support[~in_bank] = repair.support[anchors[~in_bank] - n_bank].to(support.device)
-        return self._aug, support
+        return dist[:, 0].contiguous(), idx[:, 0].contiguous()
 
     def _reweighted_max(self, patch_scores: torch.Tensor, nn_idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Max patch score times 1 - softmax(distances to the bank neighbours of its nearest entry)[0]."""
@@ -448,9 +375,11 @@ class PatchCore(AnomalyModel):
         score = patch_scores[batch, worst]
         if min(self.cfg.num_neighbors, self.bank.shape[0]) <= 1:
             return score
-        vectors, support = self._rows_and_support(nn_idx[batch, worst], table=False)  # itself first
+        k = min(self.cfg.num_neighbors, self.bank.shape[0])
+        anchors = nn_idx[batch, worst]
+        _, support = self.nearest(self.bank[anchors], k, self._support_owner(anchors.numel()))  # itself first
         worst_rows = rows[batch, worst]  # (B, C)
-        dists = torch.linalg.vector_norm(vectors[support] - worst_rows[:, None, :], dim=2)
+        dists = torch.linalg.vector_norm(self.bank[support] - worst_rows[:, None, :], dim=2)
         weights = 1.0 - torch.softmax(dists, dim=1)[:, 0]
         return weights * score
 
@@ -460,13 +389,14 @@ class PatchCore(AnomalyModel):
         emb = self._embed(feature_maps)
         b, c, h, w = emb.shape
         rows = to_rows(emb)
-        dist, idx = self._nearest_out_of_sample(rows, self._row_owner(loo_owner, h * w))
+        dist, idx = self._nearest_row(rows, self._row_owner(loo_owner, h * w))
         factor = torch.ones_like(dist)
         if min(self.cfg.num_neighbors, self.bank.shape[0]) > 1:
             self.prepare_scoring()
+            assert self._support is not None
             for start in range(0, rows.shape[0], 2048):
-                vectors, support = self._rows_and_support(idx[start : start + 2048], table=True)  # itself first
-                dists = torch.linalg.vector_norm(vectors[support] - rows[start : start + 2048, None, :], dim=2)
+                support = self._support[idx[start : start + 2048]]  # (n, k), first is the entry itself
+                dists = torch.linalg.vector_norm(self.bank[support] - rows[start : start + 2048, None, :], dim=2)
                 factor[start : start + 2048] = 1.0 - torch.softmax(dists, dim=1)[:, 0]
         return torch.stack([dist.view(b, h, w), factor.view(b, h, w)], dim=1).float()
 
