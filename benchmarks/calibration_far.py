@@ -58,8 +58,8 @@ def rates(normal: np.ndarray, good: np.ndarray) -> list[dict]:
 
 def exchangeability(normal: np.ndarray, good: np.ndarray) -> dict:
     """How the calibration scores compare with the test/good ones: quantiles, two-sample KS and
-    Mann-Whitney p-values (exchangeable scores: both uniform), and the rate each would flag at the
-    other's quantiles."""
+    Mann-Whitney p-values (exchangeable scores: both uniform), and the share of test/good scores above
+    the calibration median (0.5 when exchangeable)."""
     from scipy.stats import ks_2samp, mannwhitneyu
 
     qs = (0.5, 0.9, 0.95, 0.99)

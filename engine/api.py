@@ -300,7 +300,7 @@ def fit(
         with model.out_of_sample(loo_idx, as_group) as owners:
             parts.append(loo_scores(model, [train[i] for i in loo_idx], owners, skipped, read_timeout))
         sources.append("fold" if as_group else "loo")
-    model.end_calibration()
+    model.calibration_images = ()  # the fit's own calibration is done
     if holdout:
         parts.append(_raw_scores(model, holdout, skipped, read_timeout))
         sources.append("holdout")

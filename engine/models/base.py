@@ -216,10 +216,6 @@ class AnomalyModel(ABC):
     def extra_meta(self) -> dict:
         return {}
 
-    def end_calibration(self) -> None:
-        """Drop what the fit kept only for its calibration (`calibration_images` and what they needed)."""
-        self.calibration_images = ()
-
     @contextmanager
     def out_of_sample(self, owners: Sequence[int], as_group: bool = False) -> Iterator[list[int]]:
         """The `loo_owner` ids that score training images `owners` out of sample; by default each
