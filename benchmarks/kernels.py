@@ -1,7 +1,7 @@
 """Kernel benchmarks: sizes x variants, with the ceiling beside them, as a table and as JSON.
 
     python benchmarks/kernels.py coreset [--device cpu] [--rows 190000] [--picks 19000] [--verify]
-    python benchmarks/kernels.py knn [--device cpu|cuda] [--quick]
+    python benchmarks/kernels.py knn [--device cpu|cuda] [--quick] [--knn-data NPZ] [--bank-sizes 1000,2000]
     python benchmarks/kernels.py mahalanobis [--device cpu|cuda] [--quick]
     python benchmarks/kernels.py all --device cuda --out DIR      (what benchmarks/device_kernels.sh runs)
 
@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--features", type=Path, default=None, help="coreset/knn: a .npy of real feature rows")
     ap.add_argument("--knn-data", type=Path, default=None,
                     help="knn on cpu: a .npz with bank, near (normal-image patches), far (defect-image patches)")
+    ap.add_argument("--bank-sizes", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="knn on cpu: cells vs dense blocks on bank subsets of these sizes (comma-separated)")
     ap.add_argument("--verify", action="store_true", help="coreset: also run the brute force in full")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
@@ -113,6 +115,7 @@ def main() -> None:
         info = machine_info(args.device)
         info["load_average_before"] = os.getloadavg()
         suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
+        suffix += "_small_banks" if op == "knn" and args.bank_sizes else ""
         path = args.out / f"kernels_{op}_{args.device}{suffix}.json"
 
         def write(records: list[dict[str, Any]], done: bool = False) -> None:

@@ -132,7 +132,8 @@ def knn_cpu_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.knn_data:
         data = np.load(args.knn_data)
         bank = torch.from_numpy(data["bank"]).float()
-        query_sets = {"normal images": data["near"], "defect images": data["far"]}
+        near_name, far_name = data["labels"].tolist() if "labels" in data else ("normal images", "defect images")
+        query_sets = {near_name: data["near"], far_name: data["far"]}
         query_sets = {k: torch.from_numpy(v[: n_images * 1024]).float() for k, v in query_sets.items()}
         source = str(args.knn_data)
     else:
@@ -147,6 +148,8 @@ def knn_cpu_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     from kernels.knn import topk_torch
     from kernels.knn_index import KnnIndex
 
+    if args.bank_sizes:
+        return knn_small_bank_cases(bank, query_sets, source, args.bank_sizes)
     records = []
     (index, wall, cpu) = timed(lambda: KnnIndex.build(bank, seed=0))
     size = f"{n_images}x1024 x {bank.shape[0]} x {bank.shape[1]} ({source})"
@@ -168,6 +171,35 @@ def knn_cpu_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         few = queries[:: queries.shape[0] // 16][:16]  # the k = 9 reweighting: one row per image
         _, wall, cpu = timed(lambda: index.search(few, 9))
         records.append(_rec(f"{size}, {name}", "KnnIndex.search k=9, 16 rows", wall, cpu, n_images, ceiling))
+    return records
+
+
+def knn_small_bank_cases(bank: torch.Tensor, query_sets: dict[str, torch.Tensor], source: str,
+                         sizes: list[int]) -> list[dict[str, Any]]:
+    """KnnIndex.search k=1 on random subsets of the bank, through the cells and through the dense
+    blocks, 1 thread (as in a scan): where DENSE_BANK_ROWS should sit."""
+    from kernels import knn_index
+    from kernels._threads import torch_threads
+
+    records, gen = [], torch.Generator().manual_seed(0)
+    real_rows = knn_index.DENSE_BANK_ROWS
+    try:
+        for m in sizes:
+            sub = bank[torch.randperm(bank.shape[0], generator=gen)[:m]].contiguous()
+            index = knn_index.KnnIndex.build(sub, seed=0)
+            for name, queries in query_sets.items():
+                exact_d, exact_i = _float64_nn(queries, sub)
+                for path, rows in (("cells", 0), ("dense blocks", m)):
+                    knn_index.DENSE_BANK_ROWS = rows
+                    with torch_threads(1):
+                        (d, i), wall, cpu = timed(lambda: index.search(queries, 1))
+                    rec = _rec(f"{queries.shape[0]} x {m} x {sub.shape[1]} ({source}), {name}",
+                               f"KnnIndex.search k=1, {path} ({index.n_cells} cells)", wall, cpu, queries.shape[0],
+                               check=_nn_check(d, i, exact_d, exact_i))
+                    rec["us_per_query"] = 1e6 * wall / queries.shape[0]
+                    records.append(rec)
+    finally:
+        knn_index.DENSE_BANK_ROWS = real_rows
     return records
 
 

@@ -12,6 +12,9 @@ r_j. For a query q whose nearest centre is c_a, every entry e of cell j satisfie
     d(q, e) >= d(q, c_j) - r_j                                         (triangle)
     d(q, e) >= (d(q, c_j)^2 - d(q, c_a)^2) / (2 d(c_a, c_j))            (distance to the bisector)
 
+Banks of at most DENSE_BANK_ROWS rows (a small coreset) are searched densely instead, one
+cache-sized block of queries at a time: there the per-cell loop costs more than the whole GEMM.
+
 Search: (1) distances of all queries to all centres (one GEMM); (2) scan each query's own cell,
 which gives an upper bound u = the k-th best distance so far; (3) scan only cells whose lower
 bound is below u; a query far from the whole bank, whose bounds leave over DENSE_FRACTION of the
@@ -54,6 +57,13 @@ ERR_PER_DIM = 4 * 2.0**-24
 BOUND_TOL = 1e-4
 # Below this many queries the per-cell loop costs more than it saves: one GEMM over the bank.
 MIN_QUERIES_FOR_CELLS = 512
+# Banks of at most this many rows are searched densely: blocks of DENSE_BLOCK queries, one fp32
+# GEMM each over the whole bank. Measured on 2 EPYC cores, 1 thread, with patches of the default
+# bottle model on bank subsets (benchmarks/results/kernels_knn_cpu_small_banks.json): dense costs
+# ~5 ns per query per row, the cells 6-25 us per query; dense wins up to 2,000 rows on normal
+# patches and up to ~3,500 on unfamiliar ones.
+DENSE_BANK_ROWS = 2500
+DENSE_BLOCK = 256
 # torch threads for build and search (see kernels/_threads.py).
 INDEX_THREADS = 1
 # A query whose bounds leave more than this fraction of the cells to scan is searched densely.
@@ -88,6 +98,7 @@ class KnnIndex:
         self.centres_c_sq = self.centres_c.pow(2).sum(1)
         self.bank_c = bank - self.mean
         self.bank_c_sq = self.bank_c.pow(2).sum(1)
+        self.bank_c_sq_max = float(self.bank_c_sq.max())
         self.residuals = (bank[order] - centres[cell_of[order]]).contiguous()
         self.residual_sq = self.residuals.pow(2).sum(1)
         self.residual_sq_max = torch.zeros(n_cells).scatter_reduce_(
@@ -145,17 +156,37 @@ class KnnIndex:
                 raise ValueError(f"query_owner must be [Q] = [{q.shape[0]}], got {list(query_owner.shape)}")
             q_owner = query_owner.to(torch.int64).cpu()
         with torch_threads(INDEX_THREADS):
-            if q.shape[0] < MIN_QUERIES_FOR_CELLS or self.n_cells == 1:
-                return self._search_all(q, k, q_owner)
+            if q.shape[0] < MIN_QUERIES_FOR_CELLS or self.n_cells == 1 or self.bank.shape[0] <= DENSE_BANK_ROWS:
+                return self._search_dense(q, k, q_owner)
             return self._search_cells(q, k, q_owner)
 
-    def _search_all(
+    def _search_dense(
         self, q: torch.Tensor, k: int, q_owner: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Few queries (the k = 9 reweighting): one GEMM over the bank keeps k + RERANK_EXTRA
-        candidates, then their distances are recomputed directly as sum((q - e)^2)."""
-        cand_d, cand = self._dense_candidates_fp32(q, min(k + RERANK_EXTRA, self.bank.shape[0]), q_owner)
-        return self._rerank(q, cand, k, cand_d if q_owner is not None else None)
+        """Few queries (the k = 9 reweighting) or a small bank: per block of DENSE_BLOCK queries
+        (its distance matrix stays in cache) one fp32 GEMM over the bank-mean-centred bank picks
+        candidates as a cell scan does, then their distances are recomputed as sum((q - e)^2)."""
+        keep = min(k + RERANK_EXTRA, self.bank.shape[0])
+        dist = torch.empty((q.shape[0], k))
+        idx = torch.empty((q.shape[0], k), dtype=torch.long)
+        tie_scale = 2 * ERR_PER_DIM * q.shape[1]
+        bank_c_t = self.bank_c.T
+        for start in range(0, q.shape[0], DENSE_BLOCK):
+            block = slice(start, start + DENSE_BLOCK)
+            qc = q[block] - self.mean
+            # |q|^2 is the same along a row: left out, it changes no ranking (re-ranked exactly below).
+            d2 = torch.mm(qc, bank_c_t).mul_(-2.0).add_(self.bank_c_sq)
+            if q_owner is not None:
+                assert self.owner is not None
+                d2.masked_fill_(q_owner[block][:, None] == self.owner[None, :], float("inf"))
+            tie = tie_scale * (qc.pow(2).sum(1, keepdim=True) + self.bank_c_sq_max)
+            best_d = torch.full((d2.shape[0], keep), float("inf"))
+            best_i = torch.zeros((d2.shape[0], keep), dtype=torch.long)
+            for local, d, pos in _nearest_of(d2, keep, k, tie):
+                best_d[local, : d.shape[1]] = d
+                best_i[local, : d.shape[1]] = pos
+            dist[block], idx[block] = self._rerank(q[block], best_i, k, best_d)
+        return dist, idx
 
     def _dense_candidates(
         self, q: torch.Tensor, keep: int, q_owner: torch.Tensor | None = None
@@ -224,10 +255,13 @@ class KnnIndex:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact distances of the candidates, the k best ascending; slots whose `cand_d` is inf are
         empty (placeholders) and never chosen."""
-        exact = self._exact_sq(q, cand)
-        if cand_d is not None:
-            exact.masked_fill_(torch.isinf(cand_d), float("inf"))
-        d, pos = torch.topk(exact, k, dim=1, largest=False)
+        if cand_d is None:
+            exact = self._exact_sq(q, cand)
+        else:  # only the filled slots (k = 1 rows without a near tie fill one of k + RERANK_EXTRA)
+            exact = torch.full(cand.shape, float("inf"))
+            rows, slots = torch.isfinite(cand_d).nonzero(as_tuple=True)
+            exact[rows, slots] = self.bank.index_select(0, cand[rows, slots]).sub_(q[rows]).pow_(2).sum(1)
+        d, pos = (exact.min(1, keepdim=True) if k == 1 else torch.topk(exact, k, dim=1, largest=False))
         return d.sqrt_(), cand.gather(1, pos)
 
     def _search_cells(
@@ -296,20 +330,35 @@ class KnnIndex:
             assert self.entry_owner is not None
             mine = q_owner.index_select(0, members)[:, None] == self.entry_owner[lo:hi][None, :]
             d2.masked_fill_(mine, float("inf"))
-        take = min(keep, hi - lo)
         ids = self.entry_ids[lo:hi]
-        if k != 1 or take == 1:
-            d, pos = torch.topk(d2, take, dim=1, largest=False)
-            return [(members, d, ids[pos])]
-        v, pos = d2.min(1, keepdim=True)
         # Two entries whose expansions each err by up to ERR_PER_DIM * D * (|rel|^2 + |res|^2).
         tie = 2 * ERR_PER_DIM * q.shape[1] * (rel_sq + self.residual_sq_max[cell])
-        tied = (d2 <= v + tie).sum(1) > 1
-        if not bool(tied.any()):
-            return [(members, v, ids[pos])]
-        d_t, pos_t = torch.topk(d2[tied], take, dim=1, largest=False)
-        alone = ~tied
-        return [(members[alone], v[alone], ids[pos[alone]]), (members[tied], d_t, ids[pos_t])]
+        return [(members[local], d, ids[pos]) for local, d, pos in _nearest_of(d2, keep, k, tie)]
+
+
+def _nearest_of(d2: torch.Tensor, keep: int, k: int, tie: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """[(local rows, squared distances [m, t], columns [m, t])] of the nearest columns of each row
+    of the contiguous approximate distance matrix `d2`, ascending: t = min(keep, columns), or t = 1.
+
+    k = 1 (every PatchCore patch): a row minimum (numpy's argmin: ~10x torch's min with indices on
+    CPUs) is much cheaper than a top-k, and the extra re-rank candidates only matter where another
+    column is within `tie` (the expansion's rounding, per row) of the minimum; those rows get the
+    full top-`keep`, the others their one nearest."""
+    take = min(keep, d2.shape[1])
+    if k != 1 or take == 1:
+        d, pos = torch.topk(d2, take, dim=1, largest=False)
+        return [(torch.arange(d2.shape[0]), d, pos)]
+    pos = torch.from_numpy(d2.numpy().argmin(1)).unsqueeze(1)
+    v = d2.gather(1, pos)
+    d2.scatter_(1, pos, float("inf"))  # the runner-up: the row minimum of the others
+    tied = d2.amin(1, keepdim=True) <= v + tie
+    d2.scatter_(1, pos, v)
+    tied = tied.squeeze(1)
+    if not bool(tied.any()):
+        return [(torch.arange(d2.shape[0]), v, pos)]
+    d_t, pos_t = torch.topk(d2[tied], take, dim=1, largest=False)
+    alone = (~tied).nonzero().squeeze(1)
+    return [(alone, v[alone], pos[alone]), (tied.nonzero().squeeze(1), d_t, pos_t)]
 
 
 def _merge_into(best_d: torch.Tensor, best_i: torch.Tensor, found: list[tuple[torch.Tensor, ...]]) -> None:

@@ -32,6 +32,12 @@ def float64_topk(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[tor
     return torch.topk(d, k, dim=1, largest=False)
 
 
+@pytest.fixture(autouse=True)
+def cells_even_for_small_banks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These banks are small: search them with the cells (tests of the dense path set it back)."""
+    monkeypatch.setattr(knn_index, "DENSE_BANK_ROWS", 0)
+
+
 @pytest.fixture(scope="module")
 def bank() -> torch.Tensor:
     return blobs(3001, 37, seed=0)
@@ -199,7 +205,34 @@ def test_search_excluding_owners_is_exact(bank: torch.Tensor, k: int, n_queries:
         assert True in calls  # the far queries' dense bf16 search ran with the exclusion
 
 
-def test_exclusion_with_ties_and_whole_cells_excluded() -> None:
+@pytest.mark.parametrize("k", [1, 9])
+def test_small_banks_are_searched_densely_and_exactly(bank: torch.Tensor, k: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    b_owner = torch.arange(bank.shape[0]) // 30
+    index = KnnIndex.build(bank, seed=0, owner=b_owner)
+    queries = near_and_far_queries(bank, 2 * knn_index.DENSE_BLOCK + 77, seed=11)  # a partial last block
+    queries[:40] = bank[:40]  # exact copies: ties at 0 with themselves
+    q_owner = torch.randint(0, int(b_owner.max()) + 1, (queries.shape[0],), generator=torch.Generator().manual_seed(1))
+    q_owner[:40] = b_owner[:40]
+    cells = [index.search(queries, k), index.search(queries, k, query_owner=q_owner)]
+    monkeypatch.setattr(knn_index, "DENSE_BANK_ROWS", bank.shape[0])
+    monkeypatch.setattr(KnnIndex, "_search_cells", lambda *a: pytest.fail("a small bank went to the cells"))
+    plain_d, plain_i = index.search(queries, k)
+    ref_d, ref_i = float64_topk(queries, bank, k)
+    torch.testing.assert_close(plain_d.double(), ref_d, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain_i, ref_i) and float(plain_d[:40, 0].max()) == 0.0
+    dist, idx = index.search(queries, k, query_owner=q_owner)
+    ref_d, _ = float64_topk_excluding(queries, bank, k, q_owner, b_owner)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-5)
+    assert not bool((b_owner[idx] == q_owner[:, None]).any()) and float(dist[:40, 0].min()) > 0
+    for (cd, ci), (dd, di) in zip(cells, [(plain_d, plain_i), (dist, idx)], strict=True):
+        torch.testing.assert_close(dd, cd, rtol=1e-6, atol=1e-6)
+        assert (di == ci).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("dense_rows", [0, 10_000])  # cells / the small-bank dense path
+def test_exclusion_with_ties_and_whole_cells_excluded(dense_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knn_index, "DENSE_BANK_ROWS", dense_rows)
     # Duplicated rows (exact ties) and one owner per k-means cell: a query's own cell is all excluded.
     base = blobs(40, 6, seed=5, n_clusters=4)
     bank = torch.cat([base, base, base])  # every row three times: ties between owners

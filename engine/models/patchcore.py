@@ -378,10 +378,13 @@ class PatchCore(AnomalyModel):
         k = min(self.cfg.num_neighbors, self.bank.shape[0])
         anchors = nn_idx[batch, worst]
         _, support = self.nearest(self.bank[anchors], k, self._support_owner(anchors.numel()))  # itself first
-        worst_rows = rows[batch, worst]  # (B, C)
-        dists = torch.linalg.vector_norm(self.bank[support] - worst_rows[:, None, :], dim=2)
-        weights = 1.0 - torch.softmax(dists, dim=1)[:, 0]
-        return weights * score
+        return self._support_factor(rows[batch, worst], support) * score
+
+    def _support_factor(self, rows: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """(P,) 1 - softmax(distances of each row (P, C) to its support rows (P, k) of the bank)[0]."""
+        near = self.bank.index_select(0, support.reshape(-1)).view(*support.shape, self.bank.shape[1])
+        dists = near.sub_(rows[:, None, :]).pow_(2).sum(2).sqrt_()
+        return 1.0 - torch.softmax(dists, dim=1)[:, 0]
 
     def tile_grids(self, feature_maps: list[torch.Tensor], loo_owner: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 2, h, w): patch scores, and per patch the reweighting factor the image score applies
@@ -394,10 +397,9 @@ class PatchCore(AnomalyModel):
         if min(self.cfg.num_neighbors, self.bank.shape[0]) > 1:
             self.prepare_scoring()
             assert self._support is not None
-            for start in range(0, rows.shape[0], 2048):
-                support = self._support[idx[start : start + 2048]]  # (n, k), first is the entry itself
-                dists = torch.linalg.vector_norm(self.bank[support] - rows[start : start + 2048, None, :], dim=2)
-                factor[start : start + 2048] = 1.0 - torch.softmax(dists, dim=1)[:, 0]
+            for start in range(0, rows.shape[0], 512):  # blocks whose gathered rows stay in cache
+                support = self._support[idx[start : start + 512]]  # (n, k), first is the entry itself
+                factor[start : start + 512] = self._support_factor(rows[start : start + 512], support)
         return torch.stack([dist.view(b, h, w), factor.view(b, h, w)], dim=1).float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
